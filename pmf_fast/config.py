@@ -1,0 +1,285 @@
+"""Configuration: dataclasses with a comment per field, presets named as in the paper.
+
+A run is described by one `Config`. `get_config(preset, overrides)` starts from a preset
+(`PRESETS`, keyed by the paper's names such as "pMF-B/16") and applies `section.field=value`
+overrides from the command line; `validate()` rejects a bad config before any work starts.
+The resolved config is written to every run directory and stored in every checkpoint.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the field and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 256          # input resolution (square), pixels
+    patch_size: int = 16           # p: the sequence is (image_size / p)^2 patches
+    in_channels: int = 3           # image channels
+    hidden_size: int = 768         # D, the transformer width
+    depth: int = 16                # blocks on the u path: shared trunk + u-head
+    num_heads: int = 12            # attention heads; head dim D / heads must be a multiple of 4 (2-D RoPE)
+    aux_head_depth: int = 8        # blocks in the u-head and in the auxiliary v-head each
+    bottleneck: int = 128          # channels of the p x p patch conv (JiT bottleneck; 256 for H)
+    mlp_ratio: float = 8 / 3       # SwiGLU hidden = int(D * ratio), rounded up to 8 above D = 1024
+    num_classes: int = 1000        # class labels; id num_classes is the null (unconditional) class
+    num_class_tokens: int = 8      # in-context tokens per condition (pmf_spec section 3) ...
+    num_cfg_tokens: int = 4        # ... omega tokens
+    num_interval_tokens: int = 2   # ... t_min tokens and t_max tokens (each)
+    num_time_tokens: int = 4       # ... time tokens, fed h = t - r
+    weight_init_constant: float = 0.32  # block linears: std = c / sqrt(fan_in) (official code)
+
+
+@dataclass
+class ObjectiveConfig:
+    P_mean: float = 0.8            # logit-normal time sampler: t = sigmoid(N(P_mean, P_std))
+    P_std: float = 0.8
+    tr_uniform: float = 0.0        # fraction of (t, r) redrawn from U[0, 1] (0.1 in the long-run recipe)
+    data_proportion: float = 0.5   # fraction of the batch with r = t (flow-matching samples)
+    noise_scale: float = 1.0       # eps = noise_scale * N(0, I); image_size / 256 in the paper
+    t_eps: float = 0.05            # u = (z - x_hat) / max(t, t_eps), the official t -> 0 guard
+    cfg_max: float = 7.0           # omega in [1, 1 + cfg_max]
+    cfg_beta: float = 1.0          # omega density proportional to omega^-beta
+    class_dropout_prob: float = 0.1  # label dropout for CFG
+    label_dropout: str = "bernoulli"  # "bernoulli" per sample, or "first" (official quirk, see meanflow.py)
+    norm_p: float = 1.0            # adaptive weight: loss / sg((loss + norm_eps)^norm_p)
+    norm_eps: float = 0.01
+    lpips_weight: float = 0.4      # LPIPS-VGG perceptual loss weight (0 turns it off)
+    convnext_weight: float = 0.1   # ConvNeXt-V2 feature loss weight (0 turns it off)
+    perceptual_max_t: float = 0.8  # perceptual terms only where t < this
+    perceptual_weights: str = "pretrained"  # "pretrained" (local files) or "random" (tests, offline demos)
+    jvp: str = "explicit"          # "reference": torch.func.jvp over model.forward; "explicit": model.jvp
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3               # constant, no warm-up (official recipe), for Muon and AdamW
+    muon_momentum: float = 0.95    # Nesterov momentum of Muon
+    ns_steps: int = 5              # Newton-Schulz iterations
+    ns_coefficients: tuple = (3.4445, -4.7750, 2.0315)  # quintic (a, b, c)
+    adam_betas: tuple = (0.9, 0.95)  # AdamW for every non-2-D parameter
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    data: str = "imagenet"         # an ImageFolder directory, or "digits" (scikit-learn, bundled)
+    batch_size: int = 1024         # global batch, split evenly over ranks
+    epochs: int = 320              # passes over the data (ignored when steps > 0)
+    steps: int = 0                 # total optimizer steps; 0 = derive from epochs
+    time_budget_s: float = 0.0     # stop after this many seconds of training (0 = no limit)
+    ema_halflives_kimg: tuple = (500, 1000, 2000)  # EDM-style EMAs kept at once (pmf_spec section 4)
+    seed: int = 42                 # base seed; rank r uses seed + r for its draws
+    num_workers: int = 8           # data loader workers per rank
+    precision: str = "auto"        # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    log_every: int = 100           # steps between log lines
+    sample_every: int = 5000       # steps between sample grids (0 = off)
+    ckpt_every: int = 5000         # steps between checkpoints (and one at the end)
+    out_dir: str = "runs"          # run directories are made under this folder
+
+
+@dataclass
+class SampleConfig:
+    omega: float = 7.5             # CFG scale, a network input (1 NFE)
+    t_min: float = 0.1             # guidance interval, a network input
+    t_max: float = 0.8
+    num_steps: int = 1             # sampling steps (all paper results are 1-NFE)
+    ema: str = "auto"              # "auto" = largest half-life EMA, "raw", or a half-life in kimg
+    grid_per_class: int = 8        # samples per class in the PNG grid written during training
+    grid_classes: int = 10         # classes shown in that grid
+
+
+@dataclass
+class Config:
+    preset: str = "pMF-B/16"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        cfg = cls(preset=d.get("preset", "custom"))
+        for section in ("model", "objective", "optim", "train", "sample"):
+            for k, v in d.get(section, {}).items():
+                set_field(cfg, f"{section}.{k}", v)
+        return cfg
+
+
+# ----------------------------------------------------------------------------- presets
+def _paper(image_size, patch, width, depth, heads, bottleneck, noise_scale, P_mean, tr_uniform,
+           t_thr, cfg_beta, epochs, omega, t_min, t_max, ema_kimg) -> Config:
+    """A paper preset (pmf_spec sections 2-4; official configs where the paper is silent)."""
+    c = Config()
+    c.model = ModelConfig(image_size=image_size, patch_size=patch, hidden_size=width, depth=depth,
+                          num_heads=heads, bottleneck=bottleneck)
+    c.objective = ObjectiveConfig(noise_scale=noise_scale, P_mean=P_mean, tr_uniform=tr_uniform,
+                                  perceptual_max_t=t_thr, cfg_beta=cfg_beta)
+    c.train = TrainConfig(epochs=epochs, ema_halflives_kimg=(500, 1000, 2000))
+    c.sample = SampleConfig(omega=omega, t_min=t_min, t_max=t_max, ema=str(ema_kimg))
+    return c
+
+
+def _tiny(image_size, patch, width, depth, heads, aux, data, batch, steps) -> Config:
+    """A small preset for CPUs: fewer in-context tokens, no perceptual nets, short EMAs."""
+    c = Config()
+    c.model = ModelConfig(image_size=image_size, patch_size=patch, hidden_size=width, depth=depth,
+                          num_heads=heads, aux_head_depth=aux, bottleneck=max(16, width // 4),
+                          num_classes=10, num_class_tokens=2, num_cfg_tokens=1,
+                          num_interval_tokens=1, num_time_tokens=1, weight_init_constant=0.32)
+    c.objective = ObjectiveConfig(lpips_weight=0.0, convnext_weight=0.0)
+    c.optim = OptimConfig(lr=2e-3)
+    c.train = TrainConfig(data=data, batch_size=batch, steps=steps, ema_halflives_kimg=(2.0, 8.0),
+                          num_workers=0, log_every=50, sample_every=0, ckpt_every=500)
+    c.sample = SampleConfig(omega=2.0, t_min=0.0, t_max=1.0, ema="auto", grid_per_class=10)
+    return c
+
+
+# Paper presets: (image, patch, width, depth, heads, bottleneck, noise scale, P_mean, tr_uniform,
+# t_thr, cfg beta, epochs, sampling omega, t_min, t_max, EMA half-life kimg).
+# B/L use the official YAML configs; H and L/32 the "longer training" recipe (doubled noise scale
+# with P_mean 0.0, 10% uniform (t, r), t_thr 0.6). Sampling defaults are the torch branch's.
+PRESETS: dict[str, typing.Callable[[], Config]] = {
+    "pMF-B/16": lambda: _paper(256, 16, 768, 16, 12, 128, 1.0, 0.8, 0.0, 0.8, 1.0, 320, 7.5, 0.1, 0.8, 2000),
+    "pMF-L/16": lambda: _paper(256, 16, 1024, 32, 16, 128, 1.0, 0.8, 0.0, 0.8, 2.0, 320, 7.0, 0.2, 0.7, 1000),
+    "pMF-H/16": lambda: _paper(256, 16, 1280, 48, 16, 256, 2.0, 0.0, 0.1, 0.6, 1.0, 360, 7.0, 0.2, 0.6, 1000),
+    "pMF-B/32": lambda: _paper(512, 32, 768, 16, 12, 128, 2.0, 0.8, 0.0, 0.8, 1.0, 320, 6.5, 0.1, 0.7, 2000),
+    "pMF-L/32": lambda: _paper(512, 32, 1024, 32, 16, 128, 4.0, 0.0, 0.1, 0.6, 1.0, 320, 7.5, 0.2, 0.6, 2000),
+    "pMF-H/32": lambda: _paper(512, 32, 1280, 48, 16, 256, 4.0, 0.0, 0.1, 0.6, 1.0, 360, 5.5, 0.1, 0.6, 500),
+    # 1024 px appears only in the paper's ablation (Tab. 4, 160 epochs); sampling values untuned.
+    "pMF-B/64": lambda: _paper(1024, 64, 768, 16, 12, 128, 4.0, 0.8, 0.0, 0.8, 1.0, 160, 6.5, 0.1, 0.7, 2000),
+    # CPU presets. digits: sklearn's 8x8 digits upsampled to 16 px, the `python train.py` default.
+    "pMF-T/2-digits": lambda: _tiny(16, 2, 96, 6, 4, 2, "digits", 64, 2000),
+    # A few-step smoke preset for tests.
+    "pMF-XS/4-test": lambda: _tiny(16, 4, 32, 3, 2, 1, "digits", 8, 4),
+}
+DEFAULT_PRESET = "pMF-T/2-digits"
+
+
+# ----------------------------------------------------------------------------- overrides
+def _parse_value(text, current, name: str):
+    """Parse a command-line string into the type of the field's current value."""
+    if not isinstance(text, str):
+        value = text
+    elif isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"{name}: expected true/false, got {text!r}")
+        return text.lower() in ("true", "1")
+    elif isinstance(current, str):
+        return text
+    else:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"{name}: cannot parse {text!r} as {type(current).__name__}") from None
+    if isinstance(current, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(current, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(current, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(current, tuple):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value)
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, type(current))
+    if not ok:
+        raise ConfigError(f"{name}: expected {type(current).__name__}, got {text!r}")
+    return value
+
+
+def set_field(cfg: Config, key: str, text) -> None:
+    """Set `section.field` (or a field name unique across sections) from a string or value."""
+    sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in sections:
+            raise ConfigError(f"unknown config section {section!r} in {key!r}; sections: {', '.join(sections)}")
+    else:
+        owners = [s for s in sections if name_in(getattr(cfg, s), key)]
+        if len(owners) != 1:
+            hint = "ambiguous, use section.field" if owners else "no such field"
+            raise ConfigError(f"unknown config field {key!r} ({hint}); see pmf_fast/config.py")
+        section, name = owners[0], key
+    obj = getattr(cfg, section)
+    if not name_in(obj, name):
+        names = ", ".join(f.name for f in dataclasses.fields(obj))
+        raise ConfigError(f"unknown field {name!r} in section {section!r}; fields: {names}")
+    setattr(obj, name, _parse_value(text, getattr(obj, name), f"{section}.{name}"))
+
+
+def name_in(obj, name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(obj)}
+
+
+def get_config(preset: str = DEFAULT_PRESET, overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a preset, apply `key=value` overrides, validate."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]()
+    cfg.preset = preset
+    for item in overrides:
+        item = item[2:] if item.startswith("--") else item
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, value = item.split("=", 1)
+        set_field(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject configs that cannot train, with a message naming the field."""
+    m, o, t, s = cfg.model, cfg.objective, cfg.train, cfg.sample
+    if m.image_size % m.patch_size:
+        raise ConfigError(f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    head_dim = m.hidden_size // m.num_heads
+    if head_dim % 4:
+        raise ConfigError(f"head dim {head_dim} (hidden_size / num_heads) must be a multiple of 4: "
+                          "2-D RoPE splits it into rotated pairs for rows and columns")
+    if not 0 <= m.aux_head_depth <= m.depth:
+        raise ConfigError(f"model.aux_head_depth={m.aux_head_depth} must be in [0, depth={m.depth}]")
+    for name in ("image_size", "patch_size", "hidden_size", "depth", "num_heads", "bottleneck", "num_classes"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name} must be positive")
+    if o.jvp not in ("reference", "explicit"):
+        raise ConfigError(f"objective.jvp={o.jvp!r}: use 'reference' or 'explicit'")
+    if o.label_dropout not in ("bernoulli", "first"):
+        raise ConfigError(f"objective.label_dropout={o.label_dropout!r}: use 'bernoulli' or 'first'")
+    if o.perceptual_weights not in ("pretrained", "random"):
+        raise ConfigError(f"objective.perceptual_weights={o.perceptual_weights!r}: use 'pretrained' or 'random'")
+    for name in ("data_proportion", "tr_uniform", "class_dropout_prob"):
+        if not 0.0 <= getattr(o, name) <= 1.0:
+            raise ConfigError(f"objective.{name} must be in [0, 1]")
+    if o.noise_scale <= 0 or o.P_std <= 0 or o.cfg_max < 0 or o.t_eps <= 0:
+        raise ConfigError("objective.noise_scale, P_std and t_eps must be positive, cfg_max >= 0")
+    if len(cfg.optim.ns_coefficients) != 3 or len(cfg.optim.adam_betas) != 2:
+        raise ConfigError("optim.ns_coefficients needs 3 numbers and optim.adam_betas 2")
+    if t.batch_size <= 0 or t.steps < 0 or t.epochs < 0:
+        raise ConfigError("train.batch_size must be positive, train.steps and train.epochs >= 0")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.precision={t.precision!r}: use auto, fp32 or bf16")
+    if any(h <= 0 for h in t.ema_halflives_kimg):
+        raise ConfigError("train.ema_halflives_kimg must be positive")
+    if s.omega < 1.0 or not 0.0 <= s.t_min <= s.t_max <= 1.0 or s.num_steps < 1:
+        raise ConfigError("sample: need omega >= 1, 0 <= t_min <= t_max <= 1, num_steps >= 1")
+
+
+def save_config(cfg: Config, path) -> None:
+    with open(path, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
