@@ -137,7 +137,7 @@ def _tiny(image_size, patch, width, depth, heads, aux, data, batch, steps) -> Co
     c = Config()
     c.model = ModelConfig(image_size=image_size, patch_size=patch, hidden_size=width, depth=depth,
                           num_heads=heads, aux_head_depth=aux, bottleneck=max(16, width // 4),
-                          num_classes=10, num_class_tokens=2, num_cfg_tokens=1,
+                          in_channels=1 if data == "digits" else 3, num_classes=10, num_class_tokens=2, num_cfg_tokens=1,
                           num_interval_tokens=1, num_time_tokens=1, weight_init_constant=0.32)
     c.objective = ObjectiveConfig(lpips_weight=0.0, convnext_weight=0.0)
     c.optim = OptimConfig(lr=2e-3)

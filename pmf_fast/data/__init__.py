@@ -1,0 +1,78 @@
+"""Data for train.py: batches of images in [-1, 1] (NCHW, on the training device) and integer
+labels, sharded by rank, with a position that checkpoints save and resume restores exactly.
+
+    loader, n, num_classes = make_loader(data, image_size, batch_per_rank, rank, world_size, seed, device)
+    x, y = next(loader);  state = loader.state_dict();  loader.load_state_dict(state)
+"""
+import torch
+
+from .digits import load_digits_split
+from .folder import FolderDataset
+
+
+class ShardedBatches:
+    """Batch `index` of `epoch`: a seeded permutation per epoch, cut into global batches, each
+    rank taking every world_size-th index of its batch; the last incomplete batch is dropped."""
+
+    def __init__(self, n, batch_per_rank, rank, world_size, seed):
+        self.n, self.batch, self.rank, self.world, self.seed = n, batch_per_rank, rank, world_size, seed
+        self.per_epoch = n // (batch_per_rank * world_size)
+        if self.per_epoch == 0:
+            raise ValueError(f"dataset of {n} images is smaller than one global batch "
+                             f"({batch_per_rank} per rank x {world_size} ranks); lower train.batch_size")
+
+    def indices(self, epoch, index):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        start = index * self.batch * self.world
+        return perm[start:start + self.batch * self.world][self.rank::self.world]
+
+    def next_pos(self, epoch, index):
+        return (epoch + 1, 0) if index + 1 == self.per_epoch else (epoch, index + 1)
+
+    def stream(self, epoch, index):
+        while True:
+            yield self.indices(epoch, index).tolist()
+            epoch, index = self.next_pos(epoch, index)
+
+
+class Loader:
+    """Endless batches from an in-memory (x, y) pair or a FolderDataset (read by DataLoader
+    workers, which prefetch: the saved position counts batches handed out, not prefetched)."""
+
+    def __init__(self, dataset, batches: ShardedBatches, device, num_workers=0):
+        self.dataset, self.batches, self.device, self.num_workers = dataset, batches, device, num_workers
+        self.epoch, self.index = 0, 0
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if isinstance(self.dataset, tuple):
+            idx = self.batches.indices(self.epoch, self.index)
+            x, y = self.dataset[0][idx], self.dataset[1][idx]
+        else:
+            if self._it is None:
+                self._it = iter(torch.utils.data.DataLoader(
+                    self.dataset, batch_sampler=self.batches.stream(self.epoch, self.index),
+                    num_workers=self.num_workers, pin_memory=self.device.type == "cuda"))
+            x, y = next(self._it)
+        self.epoch, self.index = self.batches.next_pos(self.epoch, self.index)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, s):
+        self.epoch, self.index, self._it = s["epoch"], s["index"], None
+
+
+def make_loader(data, image_size, batch_per_rank, rank, world_size, seed, device, num_workers=0):
+    """data: "digits" or an ImageFolder directory. Returns (Loader, dataset size, num_classes)."""
+    if data == "digits":
+        (x, y), _ = load_digits_split(image_size)
+        ds, n, k = (x, y), len(y), 10
+    else:
+        ds = FolderDataset(data, image_size)
+        n, k = len(ds), len(ds.classes)
+    return Loader(ds, ShardedBatches(n, batch_per_rank, rank, world_size, seed), torch.device(device), num_workers), n, k
