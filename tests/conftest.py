@@ -1,0 +1,31 @@
+"""Shared test helpers. Triton runs in its CPU interpreter when no GPU is present; that must be
+decided before triton is imported anywhere."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# atol added to the error bound, per dtype (flash-attention's rule, DESIGN.md)
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_close_by_rule(out, ref64, eager_same_dtype, name="output", factor=2.0):
+    """Fast-path error against an fp64 reference must be at most `factor` x the error of the same
+    eager computation in the same dtype, plus an atol for the dtype. Prints the errors."""
+    err, base = max_err(out, ref64), max_err(eager_same_dtype, ref64)
+    bound = factor * base + ATOL[out.dtype]
+    print(f"{name}: err {err:.3e}, eager err {base:.3e}, bound {bound:.3e}")
+    assert err <= bound, f"{name}: error {err:.3e} > {factor} x eager error {base:.3e} + atol"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
