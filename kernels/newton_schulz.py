@@ -19,10 +19,12 @@ def newton_schulz_ref(G, steps=5, coefficients=NS_COEFFICIENTS, eps=1e-7, dtype=
     if transposed:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    X = X.reshape(-1, *X.shape[-2:])                       # [B, m, n], m <= n
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)        # b A + c A^2, one rounding in low precision
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)      # a X + B X
+    X = X.reshape(G.mT.shape if transposed else G.shape)
     if transposed:
         X = X.mT
     return X.to(G.dtype)

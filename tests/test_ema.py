@@ -1,0 +1,25 @@
+import torch
+
+from pmf_fast.ema import EMAs, ema_beta
+
+
+def test_ema_beta_schedule():
+    # ramp-up: half-life = min(H * 1000, step * batch * 0.05) images
+    assert abs(ema_beta(10, 2000, 1024) - 0.5 ** (1024 / (10 * 1024 * 0.05))) < 1e-12
+    assert abs(ema_beta(10 ** 6, 2000, 1024) - 0.5 ** (1024 / 2_000_000)) < 1e-12
+
+
+def test_emas_track_and_restore():
+    model = torch.nn.Linear(3, 2)
+    emas = EMAs(model, (1, 4), batch_size=100)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    emas.update(model, step=1000)
+    fast, slow = emas.copy_into(model, "ema_1"), emas.copy_into(model, "ema_4")
+    b1, b4 = ema_beta(1000, 1, 100), ema_beta(1000, 4, 100)
+    assert torch.allclose(fast.weight, start + (1 - b1)) and torch.allclose(slow.weight, start + (1 - b4))
+    state = emas.state_dict()
+    other = EMAs(model, (1, 4), batch_size=100)
+    other.load_state_dict(state)
+    assert torch.equal(other.params["ema_4"][0], emas.params["ema_4"][0])
