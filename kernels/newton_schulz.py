@@ -1,18 +1,34 @@
 """Newton-Schulz orthogonalisation for Muon, batched over same-shape matrices.
 
-Eager reference: newton_schulz_ref(G [.., m, n]) -> X, the quintic iteration
-    X <- X / (||X||_F + eps);  5 x { A = X X^T;  B = b A + c A^2;  X <- a X + B X }
-on the wide orientation (transposed when m > n), with (a, b, c) = (3.4445, -4.7750, 2.0315)
-(KellerJordan/Muon). The output is roughly U S' V^T with S' in [0.5, 1.5], not exactly U V^T.
+    newton_schulz(G [B, m, n] or [m, n], steps=5, coefficients=(a, b, c), eps=1e-7, dtype=None)
+Per matrix, on the wide orientation (transposed when m > n), after Frobenius normalisation:
+    5 x { A = X X^T;  B = b A + c A^2;  X <- a X + B X }
+with (a, b, c) = (3.4445, -4.7750, 2.0315) (KellerJordan/Muon): the output is roughly U S' V^T
+with S' in [0.5, 1.5], not exactly U V^T. Eager reference: newton_schulz_ref.
+
+Kernels (kernels.md section 2.3): A = X X^T and B = b A + c A A^T are symmetric, so both compute
+only the tiles on and below the diagonal and store each tile and its mirror image (about a third
+fewer FLOPs at m = n); the batch of same-shape matrices is a grid axis, so all of pMF-B's
+768 x 768 matrices are one launch instead of dozens of small GEMMs. X <- a X + B X is a batched
+cuBLAS GEMM (torch.baddbmm). On GPU the operands are bf16 with fp32 accumulation (dtype=None
+means bf16 on CUDA); on CPU without TRITON_INTERPRET=1 the reference runs instead.
 """
+import os
+
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz_ref(G, steps=5, coefficients=NS_COEFFICIENTS, eps=1e-7, dtype=None):
     """G: [..., m, n]; every matrix in the batch is normalised and iterated on its own.
-    dtype: compute dtype (bf16 on GPU as in Muon; default: G's dtype). Returns G's dtype."""
+    dtype: compute dtype (default: G's dtype). Returns G's dtype."""
     a, b, c = coefficients
     X = G.to(dtype or G.dtype)
     transposed = X.shape[-2] > X.shape[-1]
@@ -28,3 +44,73 @@ def newton_schulz_ref(G, steps=5, coefficients=NS_COEFFICIENTS, eps=1e-7, dtype=
     if transposed:
         X = X.mT
     return X.to(G.dtype)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if triton is not None:
+    @triton.jit
+    def _sym_gram_kernel(X, A, OUT, M, K, alpha, beta,
+                         BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, ADD_A: tl.constexpr, IEEE: tl.constexpr):
+        """OUT[b] = alpha * X[b] X[b]^T (+ beta * A[b] when ADD_A), lower-triangle tiles + mirror.
+        X: [B, M, K] contiguous; A, OUT: [B, M, M] contiguous."""
+        pid, pid_b = tl.program_id(0), tl.program_id(1)
+        tiles = tl.cdiv(M, BLOCK)
+        pid_m, pid_n = pid // tiles, pid % tiles
+        if pid_n > pid_m:                                  # upper triangle: the mirror store covers it
+            return
+        rows = pid_m * BLOCK + tl.arange(0, BLOCK)
+        cols = pid_n * BLOCK + tl.arange(0, BLOCK)
+        ks = tl.arange(0, BLOCK_K)
+        xb = X + pid_b.to(tl.int64) * M * K
+        acc = tl.zeros([BLOCK, BLOCK], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + ks
+            a = tl.load(xb + rows[:, None] * K + kk[None, :], mask=(rows < M)[:, None] & (kk < K)[None, :], other=0.0)
+            bt = tl.load(xb + cols[:, None] * K + kk[None, :], mask=(cols < M)[:, None] & (kk < K)[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(a, tl.trans(bt), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(bt))
+        acc = acc * alpha
+        ob = pid_b.to(tl.int64) * M * M
+        mask = (rows < M)[:, None] & (cols < M)[None, :]
+        if ADD_A:
+            acc += beta * tl.load(A + ob + rows[:, None] * M + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = acc.to(OUT.dtype.element_ty)
+        tl.store(OUT + ob + rows[:, None] * M + cols[None, :], out, mask=mask)
+        if pid_m != pid_n:
+            tl.store(OUT + ob + cols[:, None] * M + rows[None, :], tl.trans(out), mask=tl.trans(mask))
+
+
+def _sym_gram(X, A=None, alpha=1.0, beta=0.0):
+    """alpha X X^T (+ beta A), X [B, M, K] -> [B, M, M], symmetric tiles computed once."""
+    Bn, M, K = X.shape
+    out = torch.empty(Bn, M, M, device=X.device, dtype=X.dtype)
+    block, block_k = (16, 16) if _interpreting() else (64, 64)   # H100 tuning pending (bench/)
+    tiles = triton.cdiv(M, block)
+    _sym_gram_kernel[(tiles * tiles, Bn)](X, A if A is not None else X, out, M, K, alpha, beta,
+                                          BLOCK=block, BLOCK_K=block_k, ADD_A=A is not None,
+                                          IEEE=X.dtype == torch.float32, num_warps=4)
+    return out
+
+
+def newton_schulz(G, steps=5, coefficients=NS_COEFFICIENTS, eps=1e-7, dtype=None):
+    """Batched Newton-Schulz with the symmetric Triton kernels. G: [B, m, n] or [m, n]."""
+    if triton is None or not (G.is_cuda or _interpreting()):
+        return newton_schulz_ref(G, steps, coefficients, eps, dtype)
+    a, b, c = coefficients
+    dtype = dtype or (torch.bfloat16 if G.is_cuda else G.dtype)
+    X = G.to(dtype)
+    transposed = X.shape[-2] > X.shape[-1]
+    if transposed:
+        X = X.mT
+    X = (X / (X.norm(dim=(-2, -1), keepdim=True) + eps)).reshape(-1, *X.shape[-2:]).contiguous()
+    for _ in range(steps):
+        A = _sym_gram(X)                                   # X X^T
+        B = _sym_gram(A, A, alpha=c, beta=b)               # c A A^T + b A  (A symmetric: A A^T = A^2)
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)      # a X + B X
+    X = X.reshape(G.mT.shape if transposed else G.shape)
+    return (X.mT if transposed else X).to(G.dtype)
