@@ -12,7 +12,6 @@ config.json in the run directory and inside every checkpoint.
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -21,13 +20,13 @@ import torch
 
 from pmf_fast import dist
 from pmf_fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from pmf_fast.config import DEFAULT_PRESET, Config, ConfigError, get_config, save_config, validate
+from pmf_fast.config import DEFAULT_PRESET, Config, ConfigError, get_config, save_config, set_field, validate
 from pmf_fast.data import make_loader
 from pmf_fast.ema import EMAs
-from pmf_fast.meanflow import generate, pmf_loss, sample_draws
+from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
 from pmf_fast.muon import build_optimizers
-from pmf_fast.sampling import pick_ema, save_grid, class_grid
+from pmf_fast.sampling import class_grid, judge_digits, pick_ema, save_grid
 
 
 def parse_args(argv):
@@ -49,7 +48,6 @@ def main(argv=None):
         ckpt = load_checkpoint(latest_checkpoint(args.resume))
         cfg = Config.from_dict(ckpt["config"])
         for item in overrides:                       # e.g. extend train.steps when resuming
-            from pmf_fast.config import set_field
             key, _, value = item.lstrip("-").partition("=")
             set_field(cfg, key, value)
         validate(cfg)
@@ -191,7 +189,6 @@ def main(argv=None):
     if is_main:
         log(f"trained {step} steps in {time.time() - t_start:.0f} s; samples: {sample_grid()}")
         if tc.data == "digits":
-            from pmf_fast.sampling import judge_digits
             metrics = judge_digits(emas.copy_into(model, pick_ema(emas, cfg.sample.ema)), cfg, device)
             metrics.update(steps=step, train_seconds=round(time.time() - t_start, 1))
             with open(os.path.join(run_dir, "metrics.json"), "w") as f:

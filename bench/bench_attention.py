@@ -1,0 +1,64 @@
+"""Attention: forward + tangent, plain forward, backward, against baselines in the same run.
+FLOPs (kernels.md 4.3): forward 4 B H N^2 D, forward + tangent 3x that, backward 2.5x.
+Shapes: pMF-B/16 (12 heads, D 64) and pMF-H/16 (16 heads, D 80) at N = 276, batch 128 and 256, bf16.
+Targets (H100): fwd+tangent >= 3x the math-attention JVP and >= 300 TFLOP/s; backward >= 250 TFLOP/s.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.common import SMOKE, device, record, time_ms
+from kernels.attention import attention, attention_jvp, attention_ref
+
+SHAPES = [(2, 2, 36, 80)] if SMOKE else [(b, h, 276, d) for b in (128, 256) for h, d in ((12, 64), (16, 80))]
+DTYPE = torch.float32 if SMOKE else torch.bfloat16
+
+
+def fwd_flops(B, H, N, D):
+    return 4 * B * H * N * N * D
+
+
+def inputs(shape, n=6, grad=False):
+    return [torch.randn(shape, device=device(), dtype=DTYPE, requires_grad=grad) for _ in range(n)]
+
+
+def math_jvp(q, k, v, qd, kd, vd):
+    return torch.func.jvp(attention_ref, (q, k, v), (qd, kd, vd))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}xH{}xN{}xD{}".format(*s))
+def test_forward_tangent(benchmark, shape):
+    args = inputs(shape)
+    ours = time_ms(lambda: attention_jvp(*args))
+    base = time_ms(lambda: math_jvp(*args))
+    info = {}
+    try:                                        # optional baseline: jvp-flash-attention (PyPI)
+        from jvp_flash_attention.jvp_attention import JVPAttn  # noqa: F401
+        info["jvp_flash_attention"] = "installed, not yet wired (asserts N % 32 == 0; N = 276)"
+    except ImportError:
+        info["jvp_flash_attention"] = "not installed"
+    record(benchmark, "attention fwd+tangent", f"{shape}", ours, 3 * fwd_flops(*shape),
+           ("torch.func.jvp(math attention)", base), **info)
+    benchmark.pedantic(lambda: attention_jvp(*args), rounds=1 if SMOKE else 5, iterations=1)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}xH{}xN{}xD{}".format(*s))
+def test_forward(benchmark, shape):
+    q, k, v = inputs(shape, 3)
+    ours = time_ms(lambda: attention(q, k, v))
+    base = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+    record(benchmark, "attention fwd", f"{shape}", ours, fwd_flops(*shape), ("SDPA", base))
+    benchmark.pedantic(lambda: attention(q, k, v), rounds=1 if SMOKE else 5, iterations=1)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}xH{}xN{}xD{}".format(*s))
+def test_backward(benchmark, shape):
+    q, k, v = inputs(shape, 3, grad=True)
+    do = torch.randn_like(q)
+    o = attention(q, k, v)
+    o_sdpa = F.scaled_dot_product_attention(q, k, v)
+    ours = time_ms(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
+    base = time_ms(lambda: torch.autograd.grad(o_sdpa, (q, k, v), do, retain_graph=True))
+    record(benchmark, "attention bwd", f"{shape}", ours, 2.5 * fwd_flops(*shape), ("SDPA backward", base))
+    benchmark.pedantic(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True),
+                       rounds=1 if SMOKE else 5, iterations=1)

@@ -1,0 +1,38 @@
+"""`pytest bench` needs a GPU; this runs the same benchmark code at tiny shapes on the CPU
+(Triton's interpreter, PMF_BENCH_SMOKE=1) so that a broken benchmark is caught before a GPU run,
+and checks that without the smoke flag every benchmark skips cleanly."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(tmp_path, smoke):
+    env = dict(os.environ, PYTHONPATH=ROOT, PMF_BENCH_OUT=str(tmp_path / "rows.jsonl"))
+    env.pop("PMF_BENCH_SMOKE", None)
+    if smoke:
+        env["PMF_BENCH_SMOKE"] = "1"
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench",
+                           "--benchmark-disable"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, bench/gpu_check.sh runs the real benchmarks")
+def test_bench_skips_without_gpu(tmp_path):
+    res = run_bench(tmp_path, smoke=False)
+    assert res.returncode == 0, res.stdout[-2000:]
+    assert "skipped" in res.stdout and "passed" not in res.stdout.splitlines()[-1]
+
+
+def test_bench_smoke(tmp_path):
+    res = run_bench(tmp_path, smoke=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    rows = [json.loads(l) for l in open(tmp_path / "rows.jsonl")]
+    groups = {r["group"] for r in rows}
+    assert {"attention fwd+tangent", "attention fwd", "attention bwd", "newton-schulz pMF-B step",
+            "patch embed (image + tangent)"} <= groups
+    assert all(r["ms"] > 0 and "baseline" in r and r.get("tflops", 1) > 0 for r in rows)

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pmf_fast.data import ShardedBatches, make_loader
+from pmf_fast.data.digits import load_digits_split
+from pmf_fast.data.folder import center_crop_arr, scan_folder
+
+
+def test_shards_partition_each_global_batch():
+    n, b, world = 103, 5, 3
+    shards = [ShardedBatches(n, b, r, world, seed=7) for r in range(world)]
+    for epoch in range(2):
+        seen = []
+        for i in range(shards[0].per_epoch):
+            parts = [s.indices(epoch, i) for s in shards]
+            assert all(len(p) == b for p in parts)
+            seen += torch.cat(parts).tolist()
+        assert len(seen) == len(set(seen)) == shards[0].per_epoch * b * world     # no overlap in an epoch
+
+
+def test_loader_resumes_at_the_same_position():
+    a, _, _ = make_loader("digits", 16, 32, 0, 1, 0, "cpu")
+    for _ in range(50):                                   # past an epoch boundary (44 batches)
+        next(a)
+    state = a.state_dict()
+    expect = [next(a)[1] for _ in range(3)]
+    b, _, _ = make_loader("digits", 16, 32, 0, 1, 0, "cpu")
+    b.load_state_dict(state)
+    assert all(torch.equal(x, next(b)[1]) for x in expect)
+
+
+def test_digits_split():
+    (x, y), (xt, yt) = load_digits_split(16)
+    assert x.shape == (1437, 1, 16, 16) and xt.shape == (360, 1, 16, 16)
+    assert x.min() >= -1 and x.max() <= 1 and set(y.tolist()) == set(range(10))
+
+
+def test_folder_dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["zebra", "ant", "moth"]):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40 + i, 57, 3), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "ant" / "notes.txt").write_text("not an image")
+    files, labels, classes = scan_folder(str(tmp_path))
+    assert classes == ["ant", "moth", "zebra"] and len(files) == 12            # sorted, as ImageFolder
+    assert labels == sorted(labels)
+    loader, n, k = make_loader(str(tmp_path), 16, 4, 0, 1, 0, "cpu")
+    x, y = next(loader)
+    assert (n, k) == (12, 3) and x.shape == (4, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
+
+
+def test_center_crop_is_adm():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 700, 3), dtype=np.uint8))
+    out = center_crop_arr(img, 64)
+    assert out.shape == (64, 64, 3)
+    # by hand: one BOX halving (300 >= 128), BICUBIC short side to 64, center crop
+    half = img.resize((350, 150), resample=Image.BOX)
+    small = np.array(half.resize((round(350 * 64 / 150), 64), resample=Image.BICUBIC))
+    left = (small.shape[1] - 64) // 2
+    assert np.array_equal(out, small[:, left:left + 64])
+
+
+def test_bad_dataset_dirs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        scan_folder(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no class folders"):
+        scan_folder(str(tmp_path))
+    (tmp_path / "c").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        scan_folder(str(tmp_path))
