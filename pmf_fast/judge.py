@@ -7,16 +7,20 @@ digits (not on anything the generator made) scores one-step samples by
   - spread: the mean within-class distance to the class centroid in that space, generated
     beside real. Accuracy alone rewards collapsed samples; the distance and the spread do not.
 """
+import warnings
+
 import numpy as np
 from scipy import linalg
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (Heusel et al. 2017)."""
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():                    # singular product: regularise, as pytorch-fid
-        off = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + off) @ (sigma2 + off))
+    with warnings.catch_warnings():                       # rank-deficient covariances (dead ReLUs) are expected
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():                # singular product: regularise, as pytorch-fid
+            off = np.eye(sigma1.shape[0]) * 1e-6
+            covmean = linalg.sqrtm((sigma1 + off) @ (sigma2 + off))
     covmean = covmean.real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 

@@ -56,9 +56,9 @@ def test_center_crop_is_adm():
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 700, 3), dtype=np.uint8))
     out = center_crop_arr(img, 64)
     assert out.shape == (64, 64, 3)
-    # by hand: one BOX halving (300 >= 128), BICUBIC short side to 64, center crop
-    half = img.resize((350, 150), resample=Image.BOX)
-    small = np.array(half.resize((round(350 * 64 / 150), 64), resample=Image.BICUBIC))
+    # by hand: BOX halvings while the short side is >= 128 (300 -> 150 -> 75), BICUBIC to 64, center crop
+    half = img.resize((350, 150), resample=Image.BOX).resize((175, 75), resample=Image.BOX)
+    small = np.array(half.resize((round(175 * 64 / 75), 64), resample=Image.BICUBIC))
     left = (small.shape[1] - 64) // 2
     assert np.array_equal(out, small[:, left:left + 64])
 
