@@ -32,11 +32,16 @@ def test_forward_tangent(benchmark, shape):
     ours = time_ms(lambda: attention_jvp(*args))
     base = time_ms(lambda: math_jvp(*args))
     info = {}
-    try:                                        # optional baseline: jvp-flash-attention (PyPI)
-        from jvp_flash_attention.jvp_attention import JVPAttn  # noqa: F401
-        info["jvp_flash_attention"] = "installed, not yet wired (asserts N % 32 == 0; N = 276)"
+    try:                                        # optional baseline: jvp-flash-attention (PyPI, Triton)
+        from jvp_flash_attention.jvp_attention import JVPAttn
+        jfa = lambda: torch.func.jvp(lambda a, b, c: JVPAttn.fwd_dual(a, b, c), args[:3], args[3:])
+        jfa()
+        record(benchmark, "attention fwd+tangent", f"{shape} vs jvp-flash-attention", ours, 3 * fwd_flops(*shape),
+               ("jvp-flash-attention 'fwd_dual' under torch.func.jvp", time_ms(jfa)))
     except ImportError:
         info["jvp_flash_attention"] = "not installed"
+    except Exception as e:                      # e.g. its head-dim or N constraints (kernels.md 1.5)
+        info["jvp_flash_attention"] = f"does not run here: {type(e).__name__}: {str(e)[:120]}"
     record(benchmark, "attention fwd+tangent", f"{shape}", ours, 3 * fwd_flops(*shape),
            ("torch.func.jvp(math attention)", base), **info)
     benchmark.pedantic(lambda: attention_jvp(*args), rounds=1 if SMOKE else 5, iterations=1)
