@@ -34,9 +34,12 @@ def parse_args(argv):
     p.add_argument("--preset", default=DEFAULT_PRESET, help="a preset name from pmf_fast/config.py")
     p.add_argument("--resume", default="", help="run directory to resume from its newest checkpoint")
     p.add_argument("--name", default="", help="run directory name under train.out_dir (default: preset + time)")
+    p.add_argument("--impl", default=None, choices=["auto", "fast", "eager", "reference"],
+                   help="training step: fast (Triton kernels, compiled; default on CUDA), eager (default on "
+                        "CPU), reference (torch.func.jvp); same as train.impl=...")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args, unknown = p.parse_known_args(argv)
-    return args, args.overrides + unknown
+    return args, args.overrides + unknown + ([f"train.impl={args.impl}"] if args.impl else [])
 
 
 def main(argv=None):
@@ -64,6 +67,7 @@ def main(argv=None):
     if tc.batch_size % world:
         raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the {world} ranks")
     batch = tc.batch_size // world
+    impl = tc.impl if tc.impl != "auto" else ("fast" if device.type == "cuda" else "eager")
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if device.type == "cuda":
@@ -83,13 +87,15 @@ def main(argv=None):
         raise ConfigError(f"the data has {n_classes} classes but model.num_classes={m.num_classes}")
     steps = tc.steps or tc.epochs * (n_images // tc.batch_size)
     log(f"run {run_dir}: {cfg.preset}, {n_images} images, {n_classes} classes, {steps} steps of "
-        f"{tc.batch_size} ({world} ranks, {device.type}, {'bf16' if bf16 else 'fp32'})")
+        f"{tc.batch_size} ({world} ranks, {device.type}, {'bf16' if bf16 else 'fp32'}, impl {impl})")
 
     # ---------------------------------------------------------------- model, optimizers, EMAs, losses
     torch.manual_seed(tc.seed)                       # same init on every rank, then broadcast anyway
-    model = PMFDiT(m, t_eps=o.t_eps).to(device)
+    model = PMFDiT(m, t_eps=o.t_eps).to(device).set_fast(impl == "fast")
     dist.broadcast_params(model)
-    optimizers = build_optimizers(model, cfg.optim)
+    optimizers = build_optimizers(model, cfg.optim, fast=impl == "fast")
+    jvp = "reference" if impl == "reference" else "explicit"
+    loss_fn = torch.compile(pmf_loss) if impl == "fast" else pmf_loss   # backward compiled by AOTAutograd
     emas = EMAs(model, tc.ema_halflives_kimg, tc.batch_size)
     perceptual = None
     if o.lpips_weight > 0 or o.convnext_weight > 0:
@@ -146,7 +152,7 @@ def main(argv=None):
         x, y = next(loader)
         draws = sample_draws(x, o, gen)
         with autocast:
-            loss, logs = pmf_loss(model, x, y, draws, o, m.num_classes, perceptual)
+            loss, logs = loss_fn(model, x, y, draws, o, m.num_classes, perceptual, jvp)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last checkpoint is intact")
         loss.backward()

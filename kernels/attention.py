@@ -268,7 +268,7 @@ def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[tor
     if _use_kernel(q):
         o, _, lse = _fwd(q, k, v)
         return o, lse
-    return attention_ref(q, k, v), _lse_ref(q, k)
+    return attention_ref(q, k, v).contiguous(), _lse_ref(q, k)
 
 
 @torch.library.custom_op("pmf_fast::attn_jvp_fwd", mutates_args=())
@@ -277,7 +277,7 @@ def _attn_jvp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dot: t
     if _use_kernel(q):
         return _fwd(q, k, v, q_dot, k_dot, v_dot)
     o, od = attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot)
-    return o, od, _lse_ref(q, k)
+    return o.contiguous(), od.contiguous(), _lse_ref(q, k)
 
 
 @torch.library.custom_op("pmf_fast::attn_bwd", mutates_args=())
@@ -287,22 +287,23 @@ def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         return _bwd(do, q, k, v, o, lse)
     with torch.enable_grad():
         qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        return torch.autograd.grad(attention_ref(qq, kk, vv), (qq, kk, vv), do)
+        return tuple(g.contiguous() for g in torch.autograd.grad(attention_ref(qq, kk, vv), (qq, kk, vv), do))
 
 
+# Fakes: every output is a fresh contiguous tensor, as the kernels and the fallbacks return.
 @_attn_fwd_op.register_fake
 def _(q, k, v):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @_attn_jvp_fwd_op.register_fake
 def _(q, k, v, q_dot, k_dot, v_dot):
-    return torch.empty_like(q), torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @_attn_bwd_op.register_fake
 def _(do, q, k, v, o, lse):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output):

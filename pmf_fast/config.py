@@ -55,7 +55,6 @@ class ObjectiveConfig:
     convnext_weight: float = 0.1   # ConvNeXt-V2 feature loss weight (0 turns it off)
     perceptual_max_t: float = 0.8  # perceptual terms only where t < this
     perceptual_weights: str = "pretrained"  # "pretrained" (local files) or "random" (tests, offline demos)
-    jvp: str = "explicit"          # "reference": torch.func.jvp over model.forward; "explicit": model.jvp
 
 
 @dataclass
@@ -80,6 +79,10 @@ class TrainConfig:
     seed: int = 42                 # base seed; rank r uses seed + r for its draws
     num_workers: int = 8           # data loader workers per rank
     precision: str = "auto"        # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    impl: str = "auto"             # the training step (README "Which --impl"): "fast" = model.jvp on the
+                                   # Triton kernels under torch.compile; "eager" = model.jvp in plain
+                                   # PyTorch; "reference" = torch.func.jvp over model.forward, eager math
+                                   # attention; "auto" = fast on CUDA, eager on CPU
     log_every: int = 100           # steps between log lines
     sample_every: int = 5000       # steps between sample grids (0 = off)
     ckpt_every: int = 5000         # steps between checkpoints (and one at the end)
@@ -264,8 +267,6 @@ def validate(cfg: Config) -> None:
     for name in ("image_size", "patch_size", "hidden_size", "depth", "num_heads", "bottleneck", "num_classes"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"model.{name} must be positive")
-    if o.jvp not in ("reference", "explicit"):
-        raise ConfigError(f"objective.jvp={o.jvp!r}: use 'reference' or 'explicit'")
     if o.label_dropout not in ("bernoulli", "first"):
         raise ConfigError(f"objective.label_dropout={o.label_dropout!r}: use 'bernoulli' or 'first'")
     if o.perceptual_weights not in ("pretrained", "random"):
@@ -279,6 +280,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.ns_coefficients needs 3 numbers and optim.adam_betas 2")
     if t.batch_size <= 0 or t.steps < 0 or t.epochs < 0:
         raise ConfigError("train.batch_size must be positive, train.steps and train.epochs >= 0")
+    if t.impl not in ("auto", "fast", "eager", "reference"):
+        raise ConfigError(f"train.impl={t.impl!r}: use auto, fast, eager or reference")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision={t.precision!r}: use auto, fp32 or bf16")
     if any(h <= 0 for h in t.ema_halflives_kimg):

@@ -3,6 +3,10 @@
 forward: the primal with autograd; the reference path runs torch.func.jvp over it.
 jvp:     the same primal with autograd, plus the tangent computed by hand from the primal's
          intermediates without autograd (it enters the loss under stop-gradient; DESIGN.md).
+fast:    a class-level switch (model.set_fast(True)) that routes jvp() and the primal-only attention
+         to the Triton kernels (kernels/): Linear runs [x; x_dot] through one GEMM and saves only x,
+         attention returns (o, o_dot) in one pass, the patch embedding takes both images in one
+         launch. Same parameters and state dict either way.
 Parameter names and shapes follow the official PyTorch model (Lyy-iiis/pMF, branch torch,
 models/torch_models.py, models/embedder.py) without its `_flax_linear` / `_flax_embedding` levels.
 """
@@ -12,7 +16,41 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.attention import attention_jvp_ref, attention_ref, upcast
+from kernels.attention import attention, attention_jvp, attention_jvp_ref, attention_ref, upcast
+from kernels.patch_embed import patch_embed_jvp
+
+
+def compute_dtype(x):
+    """The dtype autocast would run a matmul on x in (x's own dtype outside autocast)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+class LinearJVP(torch.autograd.Function):
+    """(y, y_dot) = (x W^T + b, x_dot W^T) as one GEMM over the stacked rows [x; x_dot]; saves only
+    x (in the compute dtype) for backward; y_dot is not differentiable (stop-gradient in pMF)."""
+
+    @staticmethod
+    def forward(ctx, x, x_dot, weight, bias):
+        dt = compute_dtype(x)
+        x, w = x.to(dt), weight.to(dt)
+        both = F.linear(torch.cat([x, x_dot.to(dt)]), w)
+        y, y_dot = both[: x.shape[0]], both[x.shape[0]:]
+        if bias is not None:
+            y = y + bias.to(dt)
+        ctx.save_for_backward(x, w)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(y_dot)
+        return y, y_dot
+
+    @staticmethod
+    def backward(ctx, dy, _dy_dot):
+        x, w = ctx.saved_tensors
+        dy = dy.to(x.dtype)
+        dx = dy @ w
+        dw = (dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])).to(ctx.dtypes[0])
+        db = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.dtypes[1]) if ctx.dtypes[1] is not None else None
+        return dx, None, dw, db
 
 
 def silu_grad(a):
@@ -23,6 +61,7 @@ def silu_grad(a):
 
 class Linear(nn.Linear):
     """nn.Linear with the official initialisations: N(0, (c / sqrt(fan_in))^2) or zeros; zero bias."""
+    fast = False
 
     def __init__(self, in_features, out_features, bias=True, init_constant=1.0, zero_init=False):
         super().__init__(in_features, out_features, bias=bias)
@@ -34,6 +73,8 @@ class Linear(nn.Linear):
             nn.init.zeros_(self.bias)
 
     def jvp(self, x, x_dot):
+        if self.fast:
+            return LinearJVP.apply(x, x_dot, self.weight, self.bias)
         with torch.no_grad():
             y_dot = F.linear(x_dot, self.weight)          # linear: no bias on the tangent
         return self(x), y_dot
@@ -88,6 +129,7 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     """Multi-head self-attention: bias-free q/k/v/o, per-head q/k RMSNorm, 2-D RoPE on image
     tokens, softmax in fp32 (official RoPEAttention)."""
+    fast = False
 
     def __init__(self, dim, num_heads, init_constant):
         super().__init__()
@@ -104,7 +146,7 @@ class Attention(nn.Module):
         q = apply_rope(self.q_norm(self._split(self.q_proj(x))).transpose(1, 2), *rope)   # [B, H, N, hd]
         k = apply_rope(self.k_norm(self._split(self.k_proj(x))).transpose(1, 2), *rope)
         v = self._split(self.v_proj(x)).transpose(1, 2)
-        o = attention_ref(q, k, v)
+        o = attention(q, k, v.to(q.dtype)) if self.fast else attention_ref(q, k, v)
         return self.out_proj(o.transpose(1, 2).flatten(2))
 
     def _qk_jvp(self, proj, norm, x, x_dot, rope):
@@ -119,7 +161,11 @@ class Attention(nn.Module):
         k, k_dot = self._qk_jvp(self.k_proj, self.k_norm, x, x_dot, rope)
         v, v_dot = self.v_proj.jvp(x, x_dot)
         v, v_dot = self._split(v).transpose(1, 2), self._split(v_dot).transpose(1, 2)
-        o, o_dot = attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot)
+        if self.fast:                                      # one kernel pass; tangents in the primal dtype
+            v = v.to(q.dtype)
+            o, o_dot = attention_jvp(q, k, v, q_dot.to(q.dtype), k_dot.to(q.dtype), v_dot.to(q.dtype))
+        else:
+            o, o_dot = attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot)
         return self.out_proj.jvp(o.transpose(1, 2).flatten(2), o_dot.transpose(1, 2).flatten(2))
 
 
@@ -234,6 +280,7 @@ class LabelEmbedder(nn.Module):
 class BottleneckPatchEmbedder(nn.Module):
     """p x p conv (C -> r, bias) then 1 x 1 conv (r -> D, bias), xavier-uniform on the flattened
     weights (JiT's bottleneck; official embedder.py). [B, C, H, W] -> [B, T, D]."""
+    fast = False
 
     def __init__(self, image_size, patch_size, in_channels, bottleneck, dim):
         super().__init__()
@@ -251,6 +298,10 @@ class BottleneckPatchEmbedder(nn.Module):
         return self.proj2(self.proj1(x)).flatten(2).transpose(1, 2)
 
     def jvp(self, x, x_dot):
+        if self.fast:             # image and tangent image in one fused launch
+            dt = compute_dtype(x)
+            return patch_embed_jvp(x.to(dt), x_dot.to(dt), self.proj1.weight, self.proj1.bias,
+                                   self.proj2.weight, self.proj2.bias)
         with torch.no_grad():   # linear map: tangent without the biases
             y_dot = F.conv2d(F.conv2d(x_dot, self.proj1.weight, stride=self.patch_size), self.proj2.weight)
         return self(x), y_dot.flatten(2).transpose(1, 2)

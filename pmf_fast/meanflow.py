@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.attention import upcast
+
 from .config import ObjectiveConfig
 
 
@@ -136,8 +138,9 @@ def jvp_explicit(model, z, v_c, t, r, omega, t_min, t_max, y):
 JVP = {"reference": jvp_reference, "explicit": jvp_explicit}
 
 
-def pmf_loss(model, x, y, d: Draws, cfg: ObjectiveConfig, num_classes: int, perceptual=None):
-    """Algorithm 2 as the official code does it. Returns (scalar loss, dict of logged terms)."""
+def pmf_loss(model, x, y, d: Draws, cfg: ObjectiveConfig, num_classes: int, perceptual=None, jvp="explicit"):
+    """Algorithm 2 as the official code does it. jvp: "explicit" (model.jvp) or "reference"
+    (torch.func.jvp over model.forward). Returns (scalar loss, dict of logged terms)."""
     t, r = d.t, d.r
     z = (1 - _b(t)) * x + _b(t) * d.e
     v_t = (z - x) / _b(t.clamp(min=cfg.t_eps))
@@ -148,11 +151,11 @@ def pmf_loss(model, x, y, d: Draws, cfg: ObjectiveConfig, num_classes: int, perc
     y_in = torch.where(d.drop, torch.full_like(y, num_classes), y)
     v_g = torch.where(_b(d.drop), v_t, v_g)
 
-    u, du_dt, v = JVP[cfg.jvp](model, z, v_c, t, r, d.omega, d.t_min, d.t_max, y_in)
+    u, du_dt, v = JVP[jvp](model, z, v_c, t, r, d.omega, d.t_min, d.t_max, y_in)
     V = u + _b(t - r) * du_dt.detach()               # compound function, stop-gradient on du/dt
 
     adp = lambda l: adaptive_weight(l, cfg.norm_p, cfg.norm_eps)
-    err_u, err_v = (V - v_g).float().square(), (v - v_g).float().square()
+    err_u, err_v = upcast(V - v_g).square(), upcast(v - v_g).square()      # fp32 (fp64 stays fp64)
     loss_u, loss_v = adp(err_u.sum((1, 2, 3))), adp(err_v.sum((1, 2, 3)))
     total = loss_u + loss_v
     logs = {"loss_u": err_u.mean().detach(), "loss_v": err_v.mean().detach()}

@@ -55,6 +55,14 @@ class PMFDiT(nn.Module):
             self.v_final_layer = FinalLayer(D, p, C)
 
     # ------------------------------------------------------------------ helpers
+    def set_fast(self, fast: bool = True):
+        """Route jvp() and the primal-only attention through the Triton kernels (kernels/), or back
+        to plain PyTorch. Parameters and state dict are the same either way."""
+        for m in self.modules():
+            if hasattr(type(m), "fast"):
+                m.fast = fast
+        return self
+
     @property
     def rope(self):
         return self.rope_cos, self.rope_sin

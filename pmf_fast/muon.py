@@ -66,11 +66,18 @@ class Muon(torch.optim.Optimizer):
                     p.add_(o.to(p.dtype), alpha=-group["lr"] * scale)
 
 
-def build_optimizers(model, cfg):
-    """[Muon, AdamW] for the model, from an OptimConfig."""
+def kernel_ns(G, steps, coefficients, eps):
+    """The batched, symmetric Triton Newton-Schulz (bf16 on GPU)."""
+    from kernels.newton_schulz import newton_schulz
+    return newton_schulz(G, steps, coefficients, eps)
+
+
+def build_optimizers(model, cfg, fast=False):
+    """[Muon, AdamW] for the model, from an OptimConfig; fast: Newton-Schulz on the Triton kernel."""
     muon_params, adam_params = split_params(model)
     muon = Muon(muon_params, lr=cfg.lr, momentum=cfg.muon_momentum, ns_steps=cfg.ns_steps,
-                ns_coefficients=cfg.ns_coefficients, weight_decay=cfg.weight_decay)
+                ns_coefficients=cfg.ns_coefficients, weight_decay=cfg.weight_decay,
+                ns_fn=kernel_ns if fast else None)
     fused = all(p.is_cuda for p in adam_params)
     adamw = torch.optim.AdamW(adam_params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                               weight_decay=cfg.weight_decay, fused=fused or None)

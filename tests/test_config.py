@@ -37,9 +37,9 @@ def test_h_mlp_rounded_to_8():
 
 def test_overrides_and_roundtrip(tmp_path):
     cfg = get_config("pMF-B/16", ["model.depth=12", "--train.batch_size=256", "lr=3e-4",
-                                  "optim.adam_betas=(0.8,0.9)", "objective.jvp=reference"])
+                                  "optim.adam_betas=(0.8,0.9)", "train.impl=reference"])
     assert (cfg.model.depth, cfg.train.batch_size, cfg.optim.lr) == (12, 256, 3e-4)
-    assert cfg.optim.adam_betas == (0.8, 0.9) and cfg.objective.jvp == "reference"
+    assert cfg.optim.adam_betas == (0.8, 0.9) and cfg.train.impl == "reference"
     save_config(cfg, tmp_path / "c.json")
     back = Config.from_dict(json.load(open(tmp_path / "c.json")))
     assert back.to_dict() == cfg.to_dict()
@@ -55,7 +55,7 @@ def test_overrides_and_roundtrip(tmp_path):
     (["modle.depth=1"], "unknown config section"),
     (["nope=1"], "unknown config field"),
     (["model.depth"], "section.field=value"),
-    (["objective.jvp=magic"], "objective.jvp"),
+    (["train.impl=magic"], "train.impl"),
     (["model.aux_head_depth=20"], "aux_head_depth"),
     (["sample.omega=0.5"], "omega"),
 ])
