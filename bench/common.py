@@ -28,10 +28,11 @@ def time_ms(fn, warmup=10, rep=50):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def record(benchmark, group, name, ms, flops=None, baseline=None, **info):
+def record(benchmark, group, name, ms, flops=None, baseline=None, unit="ms", **info):
     """Attach one measurement to pytest-benchmark and to $PMF_BENCH_OUT.
-    baseline: (name, ms) measured in the same run; the speed-up is baseline_ms / ms."""
-    row = {"group": group, "name": name, "ms": round(ms, 4), **info}
+    baseline: (name, value) measured in the same run; the speed-up is baseline / value.
+    unit: what `ms` holds when it is not a time (e.g. "MiB/image" for the memory benchmark)."""
+    row = {"group": group, "name": name, "ms": round(ms, 4), "unit": unit, **info}
     if flops is not None:
         row["tflops"] = round(flops / (ms * 1e-3) / 1e12, 2)
     if baseline is not None:

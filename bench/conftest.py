@@ -14,4 +14,9 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="benchmarks need a CUDA GPU (set PMF_BENCH_SMOKE=1 for a CPU smoke run)")
     for item in items:
-        item.add_marker(skip)
+        if "cpu_ok" not in item.keywords:         # device-independent measurements run anywhere
+            item.add_marker(skip)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cpu_ok: a device-independent benchmark that also runs on the CPU")

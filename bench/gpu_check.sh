@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU check, under 8 minutes on an H100: the GPU-shape kernel tests (bf16 included) and the
-# benchmarks, written to bench/results/<date>_<card>.{md,json} (commit them). Usage:
+# One GPU check, under 8 minutes on an H100: the GPU-shape kernel tests (bf16 included), the fast
+# step's parity tests, and the benchmarks (kernels, memory, whole training step), written to bench/results/<date>_<card>.{md,json} (commit them). Usage:
 #   bash bench/gpu_check.sh            # from the repository root, on a machine with a CUDA GPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,11 +11,11 @@ card=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', 
 prefix="bench/results/$(date +%Y-%m-%d)_${card}"
 rows="$prefix.jsonl"; rm -f "$rows"
 
-timeout 240 python -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_newton_schulz.py \
-    tests/test_patch_embed.py 2>&1 | tee "$prefix.tests.log"
+timeout 150 python -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_newton_schulz.py \
+    tests/test_patch_embed.py tests/test_fast_step.py 2>&1 | tee "$prefix.tests.log"
 summary=$(tail -n 1 "$prefix.tests.log")
 
-PMF_BENCH_OUT="$rows" timeout 300 python -m pytest -q -p no:cacheprovider bench \
+PMF_BENCH_OUT="$rows" timeout 320 python -m pytest -q -p no:cacheprovider bench \
     --benchmark-json="$prefix.benchmark.json" 2>&1 | tee "$prefix.bench.log"
 
 python bench/report.py "$rows" "$summary" "$prefix"

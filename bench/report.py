@@ -26,10 +26,11 @@ def main(rows_path, tests_summary, out_prefix):
     lines = [f"# GPU check: {meta['card']}, {meta['date']}", "",
              f"commit {commit}; torch {meta['torch']}, triton {triton_version}, CUDA {meta['cuda']}", "",
              f"GPU tests: {tests_summary}", "",
-             "| group | case | ms | TFLOP/s | baseline | baseline ms | baseline TFLOP/s | speed-up |",
+             "| group | case | value | unit | TFLOP/s | baseline | baseline value | baseline TFLOP/s | speed-up |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['group']} | {r['name']} | {r['ms']} | {r.get('tflops', '')} | {r.get('baseline', '')} | "
+        lines.append(f"| {r['group']} | {r['name']} | {r['ms']} | {r.get('unit', 'ms')} | {r.get('tflops', '')} | "
+                     f"{r.get('baseline', '')} | "
                      f"{r.get('baseline_ms', '')} | {r.get('baseline_tflops', '')} | {r.get('speedup', '')} |")
     with open(out_prefix + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -98,3 +98,12 @@ def test_a_few_optimizer_steps_stay_together():
     gap = max((runs["reference"][n] - runs["fast"][n]).abs().max().item() for n in runs["reference"])
     print(f"largest parameter change {moved:.3e}, largest fast-reference gap {gap:.3e}")
     assert moved > 1e-3 and gap < 1e-3 * moved
+
+
+def test_fast_step_saves_at_most_half_the_reference():
+    """Issue target at the real pMF-B/16 shapes (one image, fp32, CPU): bytes saved for backward."""
+    from bench.bench_memory import saved_bytes_per_image
+    ref = saved_bytes_per_image("pMF-B/16", "reference")
+    fast = saved_bytes_per_image("pMF-B/16", "fast")
+    print(f"saved for backward per image: fast {fast / 2**20:.0f} MiB, reference {ref / 2**20:.0f} MiB")
+    assert fast <= 0.5 * ref
