@@ -47,12 +47,25 @@ def test_forward_tangent(benchmark, shape):
     benchmark.pedantic(lambda: attention_jvp(*args), rounds=1 if SMOKE else 5, iterations=1)
 
 
+def flash_attn_baseline():
+    """flash-attn's flash_attn_func on [B, N, H, D] when installed (source-only, CUDA): else None."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}xH{}xN{}xD{}".format(*s))
 def test_forward(benchmark, shape):
     q, k, v = inputs(shape, 3)
     ours = time_ms(lambda: attention(q, k, v))
     base = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
     record(benchmark, "attention fwd", f"{shape}", ours, fwd_flops(*shape), ("SDPA", base))
+    fa = flash_attn_baseline()
+    if fa is not None and not SMOKE:
+        record(benchmark, "attention fwd", f"{shape} vs flash-attn", ours, fwd_flops(*shape),
+               ("flash-attn", time_ms(lambda: fa(q, k, v))))
     benchmark.pedantic(lambda: attention(q, k, v), rounds=1 if SMOKE else 5, iterations=1)
 
 
@@ -65,5 +78,10 @@ def test_backward(benchmark, shape):
     ours = time_ms(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
     base = time_ms(lambda: torch.autograd.grad(o_sdpa, (q, k, v), do, retain_graph=True))
     record(benchmark, "attention bwd", f"{shape}", ours, 2.5 * fwd_flops(*shape), ("SDPA backward", base))
+    fa = flash_attn_baseline()
+    if fa is not None and not SMOKE:
+        o_fa = fa(q, k, v)
+        record(benchmark, "attention bwd", f"{shape} vs flash-attn", ours, 2.5 * fwd_flops(*shape),
+               ("flash-attn backward", time_ms(lambda: torch.autograd.grad(o_fa, (q, k, v), do, retain_graph=True))))
     benchmark.pedantic(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True),
                        rounds=1 if SMOKE else 5, iterations=1)
