@@ -1,22 +1,34 @@
 """Generate images from a pmf-fast checkpoint or an official pMF release file (one step by default).
 
     python sample.py --ckpt runs/<run>/ckpt_00002000.pt --out grid.png
-    python sample.py --ckpt pMF-B-16.pt --preset pMF-B/16 --num 50000 --out samples.npz
+    torchrun --standalone --nproc-per-node=8 sample.py --ckpt pMF-B-16.pt --preset pMF-B/16 --out b16.npz
     python sample.py --ckpt pMF-H-16.pt --preset pMF-H/16 --omega 7.0 --t-min 0.2 --t-max 0.6 --out h16.png
 
-A .png gets a grid (--per-row images a row); a .npz gets the ADM layout: arr_0 uint8 [N, H, W, C],
-arr_1 int64 labels. Labels cycle through the classes (balanced); noise is seeded per batch (--seed, batch start).
-Guidance (omega, interval), step count and EMA default to the checkpoint's config (the paper's
-recommended values for the official presets) and can be overridden here.
+A .png gets a grid (--per-row images a row, one class a row). A .npz gets the ADM layout: arr_0
+uint8 [N, H, W, C], arr_1 int64 labels; N = 50,000 by default, labels cycling through the classes
+(50 per class for ImageNet), sample i drawn from the noise of seed (--seed x 10^9 + i), so the result
+does not depend on the batch size or the number of ranks. Under torchrun the ranks share the work;
+finished batches are kept in <out>.parts/ and an interrupted run resumes from there (same command)
+without repeating or losing a sample. Guidance (omega, interval), step count and EMA default to the
+checkpoint's config (the paper's recommended values for the official presets).
 """
 import argparse
+import json
 import os
+import shutil
 
 import numpy as np
 import torch
 
+from pmf_fast import dist
 from pmf_fast.meanflow import to_uint8
 from pmf_fast.sampling import load_for_sampling, sample_images, save_grid
+
+
+def save_npz_atomic(path, **arrays):
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -24,7 +36,7 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="our ckpt_<step>.pt, or an official file such as pMF-B-16.pt")
     p.add_argument("--preset", default=None, help="preset of an official file, e.g. pMF-B/16")
     p.add_argument("--out", default="samples.png", help=".png grid or .npz (ADM layout)")
-    p.add_argument("--num", type=int, default=None, help="number of images (png: classes x per-row; npz: 50000)")
+    p.add_argument("--num-samples", type=int, default=None, help="number of images (png: classes x per-row; npz: 50000)")
     p.add_argument("--classes", type=int, default=None, help="classes to cycle through (default: all)")
     p.add_argument("--per-row", type=int, default=8)
     p.add_argument("--omega", type=float, default=None)
@@ -32,41 +44,72 @@ def main(argv=None):
     p.add_argument("--t-max", type=float, default=None)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (1 = one-step)")
     p.add_argument("--ema", default="auto", help="auto, raw, or an EMA half-life in kimg")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64, help="images per batch and per rank")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: this rank's GPU, else the CPU")
     a = p.parse_args(argv)
 
-    model, cfg = load_for_sampling(a.ckpt, a.preset, a.ema, a.device)
+    rank, world, _, device = dist.setup()
+    device = torch.device(a.device) if a.device else device
+    model, cfg = load_for_sampling(a.ckpt, a.preset, a.ema, device)
     for field, value in (("omega", a.omega), ("t_min", a.t_min), ("t_max", a.t_max), ("num_steps", a.steps)):
         if value is not None:
             setattr(cfg.sample, field, value)
     k = a.classes or cfg.model.num_classes
     npz = a.out.endswith(".npz")
-    n = a.num or (50000 if npz else k * a.per_row)
-    labels = (torch.arange(n) // (1 if npz else a.per_row)) % k       # balanced: n / k per class
+    n = a.num_samples or (50000 if npz else k * a.per_row)
+    labels = (torch.arange(n) // (1 if npz else a.per_row)) % k
+    seeds = a.seed * 1_000_000_000 + torch.arange(n)
+    settings = {"ckpt": os.path.abspath(a.ckpt), "n": n, "classes": k, "seed": a.seed, "batch": a.batch,
+                "ema": a.ema, "omega": cfg.sample.omega, "t_min": cfg.sample.t_min, "t_max": cfg.sample.t_max,
+                "num_steps": cfg.sample.num_steps}
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+
+    if not npz:                                                   # a grid: small, rank 0 alone
+        if rank == 0:
+            images = torch.cat([sample_images(model, cfg, labels[i:i + a.batch].to(device), seeds[i:i + a.batch]).cpu()
+                                for i in range(0, n, a.batch)])
+            save_grid(images, a.out, nrow=a.per_row)
+            print(f"wrote {n} samples to {a.out}")
+        dist.cleanup()
+        return
+
+    parts = a.out + ".parts"
+    if rank == 0:
+        os.makedirs(parts, exist_ok=True)
+        meta = os.path.join(parts, "settings.json")
+        if os.path.exists(meta):
+            old = json.load(open(meta))
+            if old != settings:
+                raise SystemExit(f"{parts} holds an interrupted run with other settings ({old}); "
+                                 "delete it or rerun with the same arguments to resume")
+        else:
+            with open(meta, "w") as f:
+                json.dump(settings, f)
+    dist.barrier()
+    chunks = list(range(rank, (n + a.batch - 1) // a.batch, world))
+    todo = [c for c in chunks if not os.path.exists(os.path.join(parts, f"chunk_{c:07d}.npz"))]
     bar = None
-    try:
+    if rank == 0:
         from tqdm import tqdm
-        bar = tqdm(total=n, desc="sampling")
-    except ImportError:
-        pass
-    out = []
-    for start in range(0, n, a.batch):
-        y = labels[start:start + a.batch].to(a.device)
-        out.append(sample_images(model, cfg, y, seed=a.seed * 1_000_003 + start).cpu())
+        bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc=f"sampling (rank 0 of {world})")
+    for c in todo:
+        idx = torch.arange(c * a.batch, min(n, (c + 1) * a.batch))
+        images = sample_images(model, cfg, labels[idx].to(device), seeds[idx])
+        save_npz_atomic(os.path.join(parts, f"chunk_{c:07d}.npz"), images=to_uint8(images).cpu().numpy(),
+                        labels=labels[idx].numpy())
         if bar is not None:
-            bar.update(len(y))
-    images = torch.cat(out)
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    if npz:
-        tmp = a.out + ".tmp.npz"
-        np.savez(tmp, arr_0=to_uint8(images).numpy(), arr_1=labels.numpy())
-        os.replace(tmp, a.out)
-    else:
-        save_grid(images, a.out, nrow=a.per_row)
-    print(f"wrote {n} samples to {a.out} (omega {cfg.sample.omega}, interval [{cfg.sample.t_min}, "
-          f"{cfg.sample.t_max}], {cfg.sample.num_steps} step(s))")
+            bar.update(1)
+    dist.barrier()
+    if rank == 0:
+        arrays = [np.load(os.path.join(parts, f"chunk_{c:07d}.npz")) for c in range((n + a.batch - 1) // a.batch)]
+        save_npz_atomic(a.out, arr_0=np.concatenate([z["images"] for z in arrays]),
+                        arr_1=np.concatenate([z["labels"] for z in arrays]))
+        shutil.rmtree(parts)
+        print(f"wrote {n} samples to {a.out} (omega {cfg.sample.omega}, interval [{cfg.sample.t_min}, "
+              f"{cfg.sample.t_max}], {cfg.sample.num_steps} step(s), {world} rank(s))")
+    dist.cleanup()
 
 
 if __name__ == "__main__":

@@ -105,6 +105,14 @@ def main(argv=None):
             f"{o.perceptual_max_t}, {o.perceptual_weights} weights")
     else:
         log("perceptual losses off (objective.lpips_weight = convnext_weight = 0)")
+    fid_setup = None
+    if tc.eval_every:                                # periodic FID: only when weights and reference exist
+        from pmf_fast.eval import InceptionExtractor, reference
+        try:
+            extractor = InceptionExtractor(device)
+            fid_setup = (extractor, reference(tc.fid_ref, extractor, m.image_size)[0])
+        except (FileNotFoundError, ValueError) as e:
+            log(f"periodic FID skipped: {e}")
     gen = torch.Generator(device).manual_seed(tc.seed + rank)   # every random draw of the objective
     step = 0
     if ckpt is not None:
@@ -182,6 +190,15 @@ def main(argv=None):
             sums, t_log, img_log = {}, time.time(), 0
         if tc.sample_every and step % tc.sample_every == 0 and is_main:
             sample_grid()
+        if fid_setup is not None and step % tc.eval_every == 0:
+            from pmf_fast.eval import fid_of_model
+            ema_model = emas.copy_into(model, pick_ema(emas, cfg.sample.ema))
+            value = fid_of_model(ema_model, cfg, tc.eval_samples, *fid_setup, device, rank, world)
+            if is_main:
+                key = f"fid_{tc.eval_samples // 1000}k" if tc.eval_samples % 1000 == 0 else f"fid_{tc.eval_samples}"
+                log(f"step {step} {key} {value:.3f} ({fid_setup[0].name})")
+                with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": step, key: value}) + "\n")
         if step % tc.ckpt_every == 0 or step == steps:
             checkpoint()
         if tc.time_budget_s and time.time() - t_start > tc.time_budget_s:

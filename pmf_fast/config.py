@@ -86,6 +86,9 @@ class TrainConfig:
     log_every: int = 100           # steps between log lines
     sample_every: int = 5000       # steps between sample grids (0 = off)
     ckpt_every: int = 5000         # steps between checkpoints (and one at the end)
+    eval_every: int = 0            # steps between FID evaluations of the sampling EMA (0 = off)
+    eval_samples: int = 10000      # samples per periodic FID (logged as fid_10k)
+    fid_ref: str = ""              # ADM reference batch .npz or image folder; needs the Inception weights
     out_dir: str = "runs"          # run directories are made under this folder
 
 

@@ -7,22 +7,14 @@ digits (not on anything the generator made) scores one-step samples by
   - spread: the mean within-class distance to the class centroid in that space, generated
     beside real. Accuracy alone rewards collapsed samples; the distance and the spread do not.
 """
-import warnings
-
 import numpy as np
-from scipy import linalg
+
+from .eval import fid
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (Heusel et al. 2017)."""
-    with warnings.catch_warnings():                       # rank-deficient covariances (dead ReLUs) are expected
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():                # singular product: regularise, as pytorch-fid
-            off = np.eye(sigma1.shape[0]) * 1e-6
-            covmean = linalg.sqrtm((sigma1 + off) @ (sigma2 + off))
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), computed by torch-fidelity (as FID is)."""
+    return fid({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2})
 
 
 def stats(f):

@@ -29,17 +29,23 @@ def class_grid(model, cfg: Config, num_classes, device, seed=0):
     """grid_per_class one-step samples for each of the first num_classes classes."""
     per = cfg.sample.grid_per_class
     y = torch.arange(num_classes, device=device).repeat_interleave(per)
-    return sample_images(model, cfg, y, seed), y
+    return sample_images(model, cfg, y, seed * 1_000_000 + torch.arange(len(y))), y
+
+
+def sample_noise(seeds, cfg: Config):
+    """One noise image per seed (CPU generators: the same on any device, batch size or rank)."""
+    m = cfg.model
+    shape = (m.in_channels, m.image_size, m.image_size)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]) \
+        * cfg.objective.noise_scale
 
 
 @torch.no_grad()
-def sample_images(model, cfg: Config, y, seed):
-    """Images in [-1, 1] for labels y, from seeded noise (CPU generator: same on any device)."""
-    m, s = cfg.model, cfg.sample
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(y), m.in_channels, m.image_size, m.image_size, generator=g) * cfg.objective.noise_scale
+def sample_images(model, cfg: Config, y, seeds):
+    """Images in [-1, 1] for labels y, each from the noise of its own seed."""
+    s = cfg.sample
     model.eval()
-    return generate(model, noise.to(y.device), y, s.omega, s.t_min, s.t_max, s.num_steps)
+    return generate(model, sample_noise(seeds, cfg).to(y.device), y, s.omega, s.t_min, s.t_max, s.num_steps)
 
 
 def save_grid(images, path, nrow):
@@ -86,5 +92,5 @@ def judge_digits(model, cfg, device, seed=1):
     from .judge import DigitsJudge
     (x_tr, y_tr), (x_te, y_te) = load_digits_split(cfg.model.image_size)
     judge = DigitsJudge(x_tr.numpy(), y_tr.numpy(), x_te.numpy(), y_te.numpy())
-    samples = sample_images(model, cfg, y_te.to(device), seed)
+    samples = sample_images(model, cfg, y_te.to(device), seed * 1_000_000 + torch.arange(len(y_te)))
     return judge.score(samples.cpu().numpy(), y_te.numpy())

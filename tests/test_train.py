@@ -88,20 +88,14 @@ def test_sample_cli_ours_and_official_layout(tmp_path):
     d = run(tmp_path, "s", "train.steps=2")
     ckpt = list_checkpoints(d)[-1][1]
     out = tmp_path / "s.npz"
-    sample.main(["--ckpt", ckpt, "--out", str(out), "--num", "20", "--batch", "8", "--ema", "raw"])
+    sample.main(["--ckpt", ckpt, "--out", str(out), "--num-samples", "20", "--batch", "8", "--ema", "raw"])
     z = np.load(out)
     assert z["arr_0"].shape == (20, 16, 16, 1) and z["arr_0"].dtype == np.uint8
     assert np.bincount(z["arr_1"], minlength=10).tolist() == [2] * 10             # balanced labels
     sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "g.png"), "--per-row", "4", "--classes", "3"])
     assert (tmp_path / "g.png").stat().st_size > 0
 
-    # the same weights saved in the official layout (eval file: no v-head) sample identically
-    state = torch.load(ckpt, weights_only=False)["model"]
-    official = {k: v for k, v in ours_to_official(state).items() if ".v_heads." not in k and "v_final" not in k}
-    torch.save(official, tmp_path / "official.pt")
-    out2 = tmp_path / "o.npz"
-    sample.main(["--ckpt", str(tmp_path / "official.pt"), "--preset", "pMF-XS/4-test", "--out", str(out2),
-                 "--num", "20", "--batch", "8", "--omega", "2.0", "--t-min", "0.0", "--t-max", "1.0"])
-    assert np.array_equal(np.load(out2)["arr_0"], z["arr_0"])
+    # an official-layout file needs its preset (generation from it: tests/test_eval.py)
+    torch.save(ours_to_official(torch.load(ckpt, weights_only=False)["model"]), tmp_path / "official.pt")
     with pytest.raises(ValueError, match="--preset"):
         sample.main(["--ckpt", str(tmp_path / "official.pt"), "--out", str(tmp_path / "x.png")])

@@ -1,0 +1,190 @@
+"""FID, Inception Score and precision/recall of generated samples, offline, in the standard protocol.
+
+    python -m pmf_fast.eval samples.npz --ref VIRTUAL_imagenet256_labeled.npz
+
+Samples: an ADM-layout .npz (arr_0 uint8 [N, H, W, 3]), as sample.py writes. Reference: the ADM
+reference batch (`mu`, `sigma` of ImageNet train, and arr_0, 10k images, for precision/recall), or
+a folder of images (statistics computed here, ADM center crop). Features come from the standard
+Inception-v3 (the 2015-12-05 TensorFlow graph) as ported to PyTorch by torch-fidelity, and the
+metrics are torch-fidelity's (FID from mu/sigma, IS over 10 splits of the unbiased logits,
+precision/recall with 3 nearest neighbours). Numbers are close to, not bit-identical with, the
+TensorFlow ADM evaluator; every result names its extractor.
+
+Weight and reference files (nothing downloads):
+  weights-inception-2015-12-05-6726825d.pth  -> $TORCH_HOME/hub/checkpoints/ or PMF_INCEPTION_WEIGHTS
+      from https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth
+  VIRTUAL_imagenet256_labeled.npz (or ..._imagenet512_...) -> anywhere, pass --ref
+      from https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+ADM_REF_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/{size}/VIRTUAL_imagenet{size}_labeled.npz"
+EXTRACTOR_NAME = "torch-fidelity InceptionV3 (2015-12-05 graph), pool3 2048-d + unbiased logits"
+
+
+def inception_path():
+    home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
+    return os.environ.get("PMF_INCEPTION_WEIGHTS", os.path.join(home, "hub", "checkpoints", INCEPTION_FILE))
+
+
+class InceptionExtractor:
+    """uint8 [N, 3, H, W] -> (pool [N, 2048], logits [N, 1008]) float64 numpy, from a local weight file."""
+    name = EXTRACTOR_NAME
+
+    def __init__(self, device="cpu", weights=None):
+        path = weights or inception_path()
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Inception weights not found at {path}. Download {INCEPTION_URL} and put it there "
+                "(or set PMF_INCEPTION_WEIGHTS to the file).")
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                               feature_extractor_weights_path=path).to(device).eval()
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images_u8):
+        pool, logits = self.net(images_u8.to(self.device))
+        return pool.double().cpu().numpy(), logits.double().cpu().numpy()
+
+
+def extract(extractor, images_nhwc, batch=200, progress=False):
+    """Features of uint8 NHWC images (numpy or tensor), in batches. Grayscale is repeated to RGB."""
+    pools, logits = [], []
+    it = range(0, len(images_nhwc), batch)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="features")
+    for i in it:
+        x = torch.as_tensor(np.asarray(images_nhwc[i:i + batch])).permute(0, 3, 1, 2)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        p, lg = extractor(x.contiguous())
+        pools.append(p)
+        logits.append(lg)
+    return np.concatenate(pools), np.concatenate(logits)
+
+
+def stats(features):
+    return {"mu": features.mean(0), "sigma": np.cov(features, rowvar=False)}
+
+
+def fid(stat_a, stat_b):
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    return fid_statistics_to_metric(stat_a, stat_b, verbose=False)["frechet_inception_distance"]
+
+
+def inception_score(logits, splits=10):
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    out = isc_features_to_metric(torch.from_numpy(logits), splits=splits)
+    return out["inception_score_mean"], out["inception_score_std"]
+
+
+def precision_recall(fake_features, real_features, k=3):
+    from torch_fidelity.metric_prc import prc_features_to_metric
+    out = prc_features_to_metric(torch.from_numpy(fake_features).float(), torch.from_numpy(real_features).float(),
+                                 prc_neighborhood=k, prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+    return out["precision"], out["recall"]
+
+
+def load_samples(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"samples file {path!r} not found (write one with sample.py --out x.npz)")
+    with np.load(path) as z:
+        if "arr_0" not in z:
+            raise ValueError(f"{path} has no arr_0: expected the ADM layout (uint8 [N, H, W, C])")
+        arr = z["arr_0"]
+    if arr.dtype != np.uint8 or arr.ndim != 4:
+        raise ValueError(f"{path}: arr_0 is {arr.dtype} {arr.shape}; expected uint8 [N, H, W, C]")
+    return arr
+
+
+def reference(ref, extractor, image_size=None, batch=200):
+    """(stats, features for precision/recall or None) from an ADM .npz or a folder of images."""
+    if os.path.isdir(ref):
+        from .data.folder import center_crop_arr, scan_folder
+        from PIL import Image
+        files, _, _ = scan_folder(ref)
+        if image_size is None:
+            raise ValueError("a reference folder needs the image size of the samples")
+        imgs = []
+        for f in files:
+            with Image.open(f) as im:
+                imgs.append(center_crop_arr(im.convert("RGB"), image_size))
+        pool, _ = extract(extractor, np.stack(imgs), batch)
+        return stats(pool), pool
+    if not os.path.isfile(ref):
+        size = image_size or 256
+        raise FileNotFoundError(f"reference {ref!r} not found. For ImageNet {size}x{size} download "
+                                f"{ADM_REF_URL.format(size=size)} and pass its path with --ref.")
+    with np.load(ref) as z:
+        if "mu" in z and "sigma" in z:
+            st = {"mu": z["mu"].astype(np.float64), "sigma": z["sigma"].astype(np.float64)}
+            real = extract(extractor, z["arr_0"], batch)[0] if "arr_0" in z else None
+            return st, real
+        if "arr_0" in z:
+            pool, _ = extract(extractor, z["arr_0"], batch)
+            return stats(pool), pool
+    raise ValueError(f"{ref}: expected mu/sigma (ADM reference batch) or arr_0 images")
+
+
+def evaluate(samples, ref, extractor, batch=200, progress=False):
+    """The metrics dict for uint8 NHWC samples against a reference (.npz or folder)."""
+    pool, logits = extract(extractor, samples, batch, progress)
+    ref_stats, ref_feats = reference(ref, extractor, samples.shape[1], batch)
+    out = {"num_samples": int(len(samples)), "fid": fid(stats(pool), ref_stats)}
+    out["inception_score"], out["inception_score_std"] = inception_score(logits)
+    if ref_feats is not None:
+        out["precision"], out["recall"] = precision_recall(pool, ref_feats)
+    out["extractor"] = getattr(extractor, "name", type(extractor).__name__)
+    out["reference"] = os.path.basename(ref.rstrip("/"))
+    return out
+
+
+def fid_of_model(model, cfg, num, extractor, ref_stats, device, rank=0, world=1, batch=100):
+    """FID of `num` one-step samples (balanced labels, seeds 0..num-1) against reference statistics;
+    each rank draws every world-th batch, rank 0 gets the number (others None)."""
+    from . import dist
+    from .meanflow import to_uint8
+    from .sampling import sample_images
+    labels = torch.arange(num) % cfg.model.num_classes
+    feats = []
+    for start in range(rank * batch, num, world * batch):
+        idx = torch.arange(start, min(num, start + batch))
+        images = sample_images(model, cfg, labels[idx].to(device), idx)
+        feats.append(extract(extractor, to_uint8(images).cpu().numpy(), batch)[0])
+    feats = np.concatenate(feats) if feats else np.zeros((0, 0))
+    if dist.is_dist():
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, feats)
+        feats = np.concatenate([f for f in everyone if len(f)])
+    return fid(stats(feats), ref_stats) if rank == 0 else None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("samples", help="ADM-layout .npz from sample.py")
+    p.add_argument("--ref", required=True, help="ADM reference batch .npz, or a folder of reference images")
+    p.add_argument("--weights", default=None, help=f"Inception weights (default: {inception_path()})")
+    p.add_argument("--batch", type=int, default=200)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="metrics JSON (default: next to the samples)")
+    a = p.parse_args(argv)
+    samples = load_samples(a.samples)
+    metrics = evaluate(samples, a.ref, InceptionExtractor(a.device, a.weights), a.batch, progress=True)
+    out = a.out or os.path.splitext(a.samples)[0] + ".metrics.json"
+    with open(out, "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Evaluation: the metric math on closed-form cases, sample files, distributed and resumable
+sampling, and the whole pipeline with a small random feature extractor standing in for Inception
+(a test-only stand-in: real numbers need the Inception weights, see pmf_fast/eval.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+import sample
+from pmf_fast import eval as E
+from pmf_fast.judge import spread
+from pmf_fast.model import ours_to_official
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_fid_closed_forms():
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    S, T = A @ A.T + np.eye(6), B @ B.T + 0.5 * np.eye(6)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    st = lambda mu, s: {"mu": mu, "sigma": s}
+    assert np.isclose(E.fid(st(mu1, S), st(mu2, S)), ((mu1 - mu2) ** 2).sum())          # equal covariances
+    a, b = rng.uniform(0.5, 2, 6), rng.uniform(0.5, 2, 6)
+    assert np.isclose(E.fid(st(mu1, np.diag(a)), st(mu1, np.diag(b))), ((np.sqrt(a) - np.sqrt(b)) ** 2).sum())
+    expect = ((mu1 - mu2) ** 2).sum() + np.trace(S + T - 2 * linalg.sqrtm(S @ T).real)   # scipy's sqrtm
+    assert np.isclose(E.fid(st(mu1, S), st(mu2, T)), expect)
+
+
+def test_inception_score_closed_forms():
+    uniform = np.zeros((100, 10))                       # p(y|x) = p(y): IS = 1
+    assert np.isclose(E.inception_score(uniform, splits=1)[0], 1.0)
+    confident = np.full((100, 10), -50.0)               # one sure class per image, all 10 equally: IS = 10
+    confident[np.arange(100), np.arange(100) % 10] = 50.0
+    assert np.isclose(E.inception_score(confident, splits=1)[0], 10.0, rtol=1e-6)
+
+
+def test_precision_recall():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(200, 8))
+    assert E.precision_recall(real.copy(), real) == pytest.approx((1.0, 1.0))
+    far = real + 100.0
+    assert E.precision_recall(far, real) == pytest.approx((0.0, 0.0))
+
+
+def test_spread():
+    f = np.array([[0.0, 0], [2, 0], [10, 10], [10, 14]])
+    assert np.isclose(spread(f, np.array([0, 0, 1, 1])), (1 + 2) / 2)
+
+
+class RandomExtractor:
+    """Test-only stand-in for Inception: a fixed random conv net, uint8 [N, 3, H, W] -> (pool, logits)."""
+    name = "test-only random CNN (not Inception)"
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.randn(16, 3, 3, 3, generator=g) / 5
+        self.head = torch.randn(16, 10, generator=g)
+
+    def __call__(self, x):
+        h = torch.relu(torch.nn.functional.conv2d(x.float() / 127.5 - 1, self.conv, stride=2)).mean((2, 3))
+        return h.double().numpy(), (h @ self.head).double().numpy()
+
+
+def test_pipeline_with_stand_in_extractor(tmp_path):
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (60, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=ref)
+    ex = RandomExtractor()
+    same = E.evaluate(ref, str(tmp_path / "ref.npz"), ex, batch=25)
+    assert abs(same["fid"]) < 1e-6 and same["precision"] == same["recall"] == 1.0
+    noisy = np.clip(ref.astype(int) + rng.integers(-60, 60, ref.shape), 0, 255).astype(np.uint8)
+    other = E.evaluate(noisy, str(tmp_path / "ref.npz"), ex, batch=25)
+    assert other["fid"] > 1e-3 and other["extractor"].startswith("test-only")
+    assert {"fid", "inception_score", "inception_score_std", "precision", "recall", "num_samples"} <= other.keys()
+    # an ADM-style reference with precomputed statistics gives the same FID
+    pool, _ = E.extract(ex, ref)
+    np.savez(tmp_path / "adm.npz", mu=pool.mean(0), sigma=np.cov(pool, rowvar=False), arr_0=ref)
+    assert np.isclose(E.evaluate(noisy, str(tmp_path / "adm.npz"), ex)["fid"], other["fid"])
+
+
+def test_missing_files_name_what_where_and_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("PMF_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"weights-inception-2015-12-05-6726825d\.pth.*github\.com/toshas"):
+        E.InceptionExtractor()
+    with pytest.raises(FileNotFoundError, match=r"VIRTUAL_imagenet256_labeled\.npz"):
+        E.reference(str(tmp_path / "nope.npz"), RandomExtractor(), 256)
+    np.savez(tmp_path / "bad.npz", arr_0=np.zeros((2, 4, 4, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        E.load_samples(str(tmp_path / "bad.npz"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    import train
+    d = tmp_path_factory.mktemp("run")
+    run = train.main(["--preset", "pMF-XS/4-test", "--name", "r", f"train.out_dir={d}", "train.steps=2"])
+    return os.path.join(run, "ckpt_00000002.pt")
+
+
+ARGS = ["--num-samples", "10", "--batch", "3", "--ema", "raw", "--device", "cpu"]
+
+
+def test_sampling_is_independent_of_batch_and_resumes(ckpt, tmp_path, monkeypatch):
+    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "a.npz"), *ARGS])
+    full = np.load(tmp_path / "a.npz")
+    assert full["arr_0"].shape == (10, 16, 16, 1) and full["arr_1"].tolist() == [i % 10 for i in range(10)]
+    assert not (tmp_path / "a.npz.parts").exists()
+    assert len({full["arr_0"][i].tobytes() for i in range(10)}) == 10               # distinct seeds
+
+    # interrupted after two batches, then resumed: the same samples, and only the rest is drawn
+    calls, real = [], sample.sample_images
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(sample, "sample_images", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "b.npz"), *ARGS])
+    assert len(os.listdir(tmp_path / "b.npz.parts")) == 3                             # settings + 2 chunks
+    monkeypatch.setattr(sample, "sample_images", real)
+    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "b.npz"), *ARGS])
+    assert np.array_equal(np.load(tmp_path / "b.npz")["arr_0"], full["arr_0"])
+    # other settings on top of an interrupted run are refused
+    os.makedirs(tmp_path / "c.npz.parts")
+    json.dump({"n": 3}, open(tmp_path / "c.npz.parts" / "settings.json", "w"))
+    with pytest.raises(SystemExit, match="other settings"):
+        sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "c.npz"), *ARGS])
+    # another batch size gives the same images
+    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "d.npz"), "--num-samples", "10", "--batch", "4", "--ema", "raw"])
+    assert np.array_equal(np.load(tmp_path / "d.npz")["arr_0"], full["arr_0"])
+
+
+def test_sampling_on_two_ranks(ckpt, tmp_path):
+    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "one.npz"), *ARGS])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--out", str(tmp_path / "two.npz"), *ARGS]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    assert res.returncode == 0, res.stderr[-3000:]
+    two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+    assert np.array_equal(two["arr_0"], one["arr_0"]) and np.array_equal(two["arr_1"], one["arr_1"])
+
+
+def test_official_layout_generates_identically(ckpt, tmp_path):
+    state = torch.load(ckpt, weights_only=False)["model"]
+    official = {k: v for k, v in ours_to_official(state).items() if ".v_heads." not in k and "v_final" not in k}
+    torch.save(official, tmp_path / "official.pt")
+    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "ours.npz"), *ARGS])
+    sample.main(["--ckpt", str(tmp_path / "official.pt"), "--preset", "pMF-XS/4-test", "--out",
+                 str(tmp_path / "theirs.npz"), *ARGS])
+    assert np.array_equal(np.load(tmp_path / "ours.npz")["arr_0"], np.load(tmp_path / "theirs.npz")["arr_0"])
+
+
+def test_fid_of_model_and_the_training_notice(ckpt, tmp_path, monkeypatch, capsys):
+    from pmf_fast.sampling import load_for_sampling
+    model, cfg = load_for_sampling(ckpt, ema="raw")
+    ex = RandomExtractor()
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    ref_stats = E.stats(E.extract(ex, ref)[0])
+    value = E.fid_of_model(model, cfg, 30, ex, ref_stats, "cpu", batch=8)
+    assert value > 0 and np.isclose(value, E.fid_of_model(model, cfg, 30, ex, ref_stats, "cpu", batch=7))
+    # without the Inception weights, training goes on and says why there is no FID
+    import train
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("PMF_INCEPTION_WEIGHTS", raising=False)
+    train.main(["--preset", "pMF-XS/4-test", "--name", "f", f"train.out_dir={tmp_path}", "train.steps=2",
+                "train.eval_every=1", "train.fid_ref=ref.npz"])
+    out = capsys.readouterr().out
+    assert out.count("periodic FID skipped: Inception weights not found") == 1
+
+
+def test_periodic_fid_in_training(tmp_path, monkeypatch):
+    """With an extractor and a reference (here the test-only stand-in), train.py logs fid_<n> every
+    eval_every steps."""
+    import train
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8))
+    monkeypatch.setattr(E, "InceptionExtractor", lambda device: RandomExtractor())
+    run = train.main(["--preset", "pMF-XS/4-test", "--name", "p", f"train.out_dir={tmp_path}", "train.steps=4",
+                      "train.eval_every=2", "train.eval_samples=20", f"train.fid_ref={tmp_path / 'ref.npz'}"])
+    rows = [json.loads(l) for l in open(os.path.join(run, "log.jsonl"))]
+    fids = [(r["step"], r["fid_20"]) for r in rows if "fid_20" in r]
+    assert [s for s, _ in fids] == [2, 4] and all(v > 0 for _, v in fids)
