@@ -20,6 +20,7 @@ setup(
         "lpips",             # LPIPS-VGG perceptual loss (VGG16 trunk weights from a local file)
         "timm",              # ConvNeXt-V2 perceptual loss
         "safetensors",
+        "torch-fidelity",    # Inception-v3 (2015-12-05 graph) port and FID / IS / precision-recall
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "transformers"],   # transformers: the ConvNeXt-V2 key-map test
