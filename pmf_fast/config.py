@@ -77,7 +77,8 @@ class TrainConfig:
     time_budget_s: float = 0.0     # stop after this many seconds of training (0 = no limit)
     ema_halflives_kimg: tuple = (500, 1000, 2000)  # EDM-style EMAs kept at once (pmf_spec section 4)
     seed: int = 42                 # base seed; rank r uses seed + r for its draws
-    num_workers: int = 8           # data loader workers per rank
+    num_workers: int = 8           # data loader workers (PIL) or decoder threads (DALI) per rank
+    loader: str = "auto"           # "dali" (GPU JPEG decoding), "pil", or "auto": DALI when installed
     precision: str = "auto"        # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
     impl: str = "auto"             # the training step (README "Which --impl"): "fast" = model.jvp on the
                                    # Triton kernels under torch.compile; "eager" = model.jvp in plain
@@ -285,6 +286,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.batch_size must be positive, train.steps and train.epochs >= 0")
     if t.impl not in ("auto", "fast", "eager", "reference"):
         raise ConfigError(f"train.impl={t.impl!r}: use auto, fast, eager or reference")
+    if t.loader not in ("auto", "dali", "pil"):
+        raise ConfigError(f"train.loader={t.loader!r}: use auto, dali or pil")
     if t.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.precision={t.precision!r}: use auto, fp32 or bf16")
     if any(h <= 0 for h in t.ema_halflives_kimg):

@@ -6,8 +6,9 @@ labels, sharded by rank, with a position that checkpoints save and resume restor
 """
 import torch
 
+from .dali import HAVE_DALI, DaliLoader
 from .digits import load_digits_split
-from .folder import FolderDataset
+from .folder import FolderDataset, usable_images
 
 
 class ShardedBatches:
@@ -67,12 +68,21 @@ class Loader:
         self.epoch, self.index, self._it = s["epoch"], s["index"], None
 
 
-def make_loader(data, image_size, batch_per_rank, rank, world_size, seed, device, num_workers=0):
-    """data: "digits" or an ImageFolder directory. Returns (Loader, dataset size, num_classes)."""
+def make_loader(data, image_size, batch_per_rank, rank, world_size, seed, device, num_workers=0, loader="auto",
+                log=print):
+    """data: "digits" or an ImageFolder directory. loader: "dali", "pil", or "auto" (DALI when
+    installed). Unusable images are left out (cached scan) and counted in the log.
+    Returns (loader, dataset size, num_classes)."""
     if data == "digits":
         (x, y), _ = load_digits_split(image_size)
-        ds, n, k = (x, y), len(y), 10
-    else:
-        ds = FolderDataset(data, image_size)
-        n, k = len(ds), len(ds.classes)
-    return Loader(ds, ShardedBatches(n, batch_per_rank, rank, world_size, seed), torch.device(device), num_workers), n, k
+        return Loader((x, y), ShardedBatches(len(y), batch_per_rank, rank, world_size, seed), torch.device(device)), len(y), 10
+    files, labels, classes, report = usable_images(data)
+    log(f"data {data}: {report}")
+    if loader == "dali" or (loader == "auto" and HAVE_DALI):
+        if len(files) < batch_per_rank * world_size:
+            raise ValueError(f"dataset of {len(files)} images is smaller than one global batch; lower train.batch_size")
+        return DaliLoader(files, labels, image_size, batch_per_rank, rank, world_size, seed, device,
+                          num_threads=max(1, num_workers)), len(files), len(classes)
+    batches = ShardedBatches(len(files), batch_per_rank, rank, world_size, seed)
+    return Loader(FolderDataset(files, labels, image_size), batches, torch.device(device), num_workers), \
+        len(files), len(classes)

@@ -1,9 +1,12 @@
 """ImageNet-style class folders (root/<class>/<image>), read with PIL and the ADM center crop."""
 import os
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .check import load_rgb, scan_images
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -20,19 +23,23 @@ def center_crop_arr(pil_image, image_size):
     return arr[top:top + image_size, left:left + image_size]
 
 
-def scan_folder(root):
-    """(files, labels, classes): sorted class folders -> 0..K-1, as torchvision's ImageFolder."""
+def scan_folder(root, all_files=False):
+    """(files, labels, classes): sorted class folders -> 0..K-1, as torchvision's ImageFolder.
+    Image extensions only, unless all_files (the checker looks at every file)."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset directory {root!r} does not exist; pass train.data=<ImageFolder root> "
                                 "(root/<class>/<image>) or train.data=digits")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    try:
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    except PermissionError:
+        raise PermissionError(f"dataset directory {root!r} is not readable") from None
     if not classes:
         raise ValueError(f"dataset directory {root!r} has no class folders; expected root/<class>/<image>")
     files, labels = [], []
     for i, c in enumerate(classes):
         for dirpath, _, names in sorted(os.walk(os.path.join(root, c))):
             for n in sorted(names):
-                if n.lower().endswith(IMG_EXTENSIONS):
+                if all_files or n.lower().endswith(IMG_EXTENSIONS):
                     files.append(os.path.join(dirpath, n))
                     labels.append(i)
     if not files:
@@ -40,16 +47,38 @@ def scan_folder(root):
     return files, labels, classes
 
 
+def usable_images(root, workers=None):
+    """(files, labels, classes, report) with the unusable files (pmf_fast/data/check.py) left out;
+    report is a one-line summary for the training log."""
+    files, labels, classes = scan_folder(root)
+    scan = scan_images(files, workers)
+    keep = [i for i, f in enumerate(files) if f not in scan["bad"]]
+    if not keep:
+        raise ValueError(f"dataset directory {root!r}: none of its {len(files)} images is usable; "
+                         f"run `python -m pmf_fast.data check {root}`")
+    report = (f"{len(keep)} usable images in {len(classes)} classes; {len(files) - len(keep)} unusable excluded, "
+              f"{len(scan['converted'])} converted to RGB on load (details: python -m pmf_fast.data check {root})")
+    return [files[i] for i in keep], [labels[i] for i in keep], classes, report
+
+
 class FolderDataset(torch.utils.data.Dataset):
-    def __init__(self, root, image_size):
-        self.files, self.labels, self.classes = scan_folder(root)
-        self.image_size = image_size
+    """PIL loader: ADM center crop, [-1, 1]. A file that fails after the scan (changed on disk) is
+    replaced by the next usable one with a warning: training neither crashes nor sees garbage."""
+
+    def __init__(self, files, labels, image_size):
+        self.files, self.labels, self.image_size = files, labels, image_size
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        with Image.open(self.files[i]) as im:
-            arr = center_crop_arr(im.convert("RGB"), self.image_size)
-        x = torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1.0   # [3, S, S] in [-1, 1]
-        return x, self.labels[i]
+        for j in range(len(self.files)):
+            k = (i + j) % len(self.files)
+            try:
+                arr = center_crop_arr(load_rgb(self.files[k]), self.image_size)
+            except (OSError, ValueError, SyntaxError) as e:
+                warnings.warn(f"skipping unreadable image {self.files[k]}: {e}")
+                continue
+            x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1.0
+            return x, self.labels[k]
+        raise RuntimeError("no readable image left in the dataset")
