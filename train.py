@@ -83,7 +83,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- data
     loader, n_images, n_classes = make_loader(tc.data, m.image_size, batch, rank, world, tc.seed, device,
-                                              tc.num_workers, tc.loader, log)
+                                              tc.num_workers, tc.loader, log, tc.flip)
     if n_classes > m.num_classes:
         raise ConfigError(f"the data has {n_classes} classes but model.num_classes={m.num_classes}")
     steps = tc.steps or tc.epochs * (n_images // tc.batch_size)

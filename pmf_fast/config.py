@@ -79,6 +79,7 @@ class TrainConfig:
     seed: int = 42                 # base seed; rank r uses seed + r for its draws
     num_workers: int = 8           # data loader workers (PIL) or decoder threads (DALI) per rank
     loader: str = "auto"           # "dali" (GPU JPEG decoding), "pil", or "auto": DALI when installed
+    flip: bool = False             # random horizontal flips (off in the official recipe)
     precision: str = "auto"        # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
     impl: str = "auto"             # the training step (README "Which --impl"): "fast" = model.jvp on the
                                    # Triton kernels under torch.compile; "eager" = model.jvp in plain

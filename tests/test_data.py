@@ -71,3 +71,14 @@ def test_bad_dataset_dirs(tmp_path):
     (tmp_path / "c").mkdir()
     with pytest.raises(ValueError, match="no images"):
         scan_folder(str(tmp_path))
+
+
+def test_flip_is_optional_seeded_and_mirrors():
+    plain, _, _ = make_loader("digits", 16, 32, 0, 1, 0, "cpu")
+    flipped, _, _ = make_loader("digits", 16, 32, 0, 1, 0, "cpu", flip=True)
+    again, _, _ = make_loader("digits", 16, 32, 0, 1, 0, "cpu", flip=True)
+    (a, ya), (b, yb), (c, _) = next(plain), next(flipped), next(again)
+    assert torch.equal(ya, yb) and torch.equal(b, c)                       # same position, same flips
+    same = [(b[i] == a[i]).all().item() for i in range(32)]
+    mirrored = [(b[i] == a[i].flip(-1)).all().item() for i in range(32)]
+    assert all(s or m for s, m in zip(same, mirrored)) and 4 < sum(mirrored) < 28

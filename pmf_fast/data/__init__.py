@@ -40,8 +40,9 @@ class Loader:
     """Endless batches from an in-memory (x, y) pair or a FolderDataset (read by DataLoader
     workers, which prefetch: the saved position counts batches handed out, not prefetched)."""
 
-    def __init__(self, dataset, batches: ShardedBatches, device, num_workers=0):
+    def __init__(self, dataset, batches: ShardedBatches, device, num_workers=0, flip=False):
         self.dataset, self.batches, self.device, self.num_workers = dataset, batches, device, num_workers
+        self.flip = flip
         self.epoch, self.index = 0, 0
         self._it = None
 
@@ -58,6 +59,10 @@ class Loader:
                     self.dataset, batch_sampler=self.batches.stream(self.epoch, self.index),
                     num_workers=self.num_workers, pin_memory=self.device.type == "cuda"))
             x, y = next(self._it)
+        if self.flip:                  # seeded by the data position: the same flips after a resume
+            g = torch.Generator().manual_seed(self.batches.seed * 7919 + self.epoch * 100003 + self.index)
+            mirror = torch.rand(x.shape[0], generator=g) < 0.5
+            x = torch.where(mirror.view(-1, 1, 1, 1), x.flip(-1), x)
         self.epoch, self.index = self.batches.next_pos(self.epoch, self.index)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
@@ -69,20 +74,21 @@ class Loader:
 
 
 def make_loader(data, image_size, batch_per_rank, rank, world_size, seed, device, num_workers=0, loader="auto",
-                log=print):
+                log=print, flip=False):
     """data: "digits" or an ImageFolder directory. loader: "dali", "pil", or "auto" (DALI when
     installed). Unusable images are left out (cached scan) and counted in the log.
     Returns (loader, dataset size, num_classes)."""
     if data == "digits":
         (x, y), _ = load_digits_split(image_size)
-        return Loader((x, y), ShardedBatches(len(y), batch_per_rank, rank, world_size, seed), torch.device(device)), len(y), 10
+        batches = ShardedBatches(len(y), batch_per_rank, rank, world_size, seed)
+        return Loader((x, y), batches, torch.device(device), flip=flip), len(y), 10
     files, labels, classes, report = usable_images(data)
     log(f"data {data}: {report}")
     if loader == "dali" or (loader == "auto" and HAVE_DALI):
         if len(files) < batch_per_rank * world_size:
             raise ValueError(f"dataset of {len(files)} images is smaller than one global batch; lower train.batch_size")
         return DaliLoader(files, labels, image_size, batch_per_rank, rank, world_size, seed, device,
-                          num_threads=max(1, num_workers)), len(files), len(classes)
+                          num_threads=max(1, num_workers), flip=flip), len(files), len(classes)
     batches = ShardedBatches(len(files), batch_per_rank, rank, world_size, seed)
-    return Loader(FolderDataset(files, labels, image_size), batches, torch.device(device), num_workers), \
+    return Loader(FolderDataset(files, labels, image_size), batches, torch.device(device), num_workers, flip), \
         len(files), len(classes)
