@@ -76,7 +76,6 @@ def _use_kernel(t):
 
 
 if triton is not None:
-    LOG2E = 1.4426950408889634
 
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
@@ -106,7 +105,7 @@ if triton is not None:
             qd = tl.load(QD + q_off, mask=q_mask, other=0.0)
             g_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # sum p s_dot v + p v_dot (one tile, kernels.md 1.2)
             r_i = tl.zeros([BLOCK_M], tl.float32)
-        qk_scale = scale * 1.4426950408889634                   # exp2 domain
+        qk_scale = scale * 1.4426950408889634                   # log2(e): scores in the exp2 domain
         for start in range(0, N, BLOCK_N):
             kv_rows = start + cols
             kv_off = base + kv_rows[:, None] * D + dims[None, :]

@@ -1,6 +1,5 @@
 """Sampling helpers shared by train.py and sample.py: EMA choice, class grids, PNG output,
 loading our checkpoints and official ones, and the digits judge."""
-import os
 
 import numpy as np
 import torch

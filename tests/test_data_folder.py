@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from pmf_fast.data import make_loader
 from pmf_fast.data.__main__ import main as check_main
 from pmf_fast.data.check import check_image, load_rgb
 from pmf_fast.data.dali import HAVE_DALI, DaliLoader

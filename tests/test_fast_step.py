@@ -3,7 +3,6 @@
 On CPU the kernels run in Triton's interpreter; fp32, tiny model."""
 import copy
 
-import pytest
 import torch
 
 from pmf_fast.config import get_config
