@@ -121,7 +121,13 @@ def main(argv=None):
         for opt, s in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(s)
         emas.load_state_dict(ckpt["emas"])
-        loader.load_state_dict(ckpt["data"])          # the same on every rank: they move in lockstep
+        data = ckpt["data"]                           # one data position per rank
+        if len(data) == world:
+            loader.load_state_dict(data[rank])
+        elif "epoch" in data[0]:                      # index-based positions are the same on every rank
+            loader.load_state_dict(data[0])
+        else:
+            log(f"resuming on {world} ranks from a {len(data)}-rank run: the DALI readers start a fresh epoch")
         if len(ckpt["rng"]) == world:
             gen.set_state(ckpt["rng"][rank])
         else:
@@ -132,14 +138,15 @@ def main(argv=None):
         del ckpt
 
     def checkpoint():
-        rng = [gen.get_state()]
-        if dist.is_dist():                             # every rank's random stream
-            rng = [None] * world
+        rng, data = [gen.get_state()], [loader.state_dict()]
+        if dist.is_dist():                             # every rank's random stream and data position
+            rng, data = [None] * world, [None] * world
             torch.distributed.all_gather_object(rng, gen.get_state().cpu())
+            torch.distributed.all_gather_object(data, loader.state_dict())
         if is_main:
             save_checkpoint(run_dir, step, {
                 "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
-                "emas": emas.state_dict(), "step": step, "rng": rng, "data": loader.state_dict(), "config": cfg.to_dict()})
+                "emas": emas.state_dict(), "step": step, "rng": rng, "data": data, "config": cfg.to_dict()})
         dist.barrier()
 
     def sample_grid():
