@@ -15,7 +15,7 @@ from bench.common import SMOKE, record
 from pmf_fast.data import make_loader
 from pmf_fast.data.dali import HAVE_DALI
 
-N_IMAGES = 64 if SMOKE else 2048
+N_IMAGES = 64 if SMOKE else 1024
 BATCH = 16 if SMOKE else 128
 
 

@@ -15,7 +15,10 @@ timeout 150 python -m pytest -q -p no:cacheprovider tests/test_attention.py test
     tests/test_patch_embed.py tests/test_fast_step.py 2>&1 | tee "$prefix.tests.log"
 summary=$(tail -n 1 "$prefix.tests.log")
 
-PMF_BENCH_OUT="$rows" timeout 320 python -m pytest -q -p no:cacheprovider bench \
+# most important first: a run cut short by the timeout keeps every row written so far
+PMF_BENCH_OUT="$rows" timeout 320 python -m pytest -q -p no:cacheprovider bench/bench_attention.py \
+    bench/bench_newton_schulz.py bench/bench_patch_embed.py bench/bench_train_step.py bench/bench_memory.py \
+    bench/bench_data.py \
     --benchmark-json="$prefix.benchmark.json" 2>&1 | tee "$prefix.bench.log"
 
 python bench/report.py "$rows" "$summary" "$prefix"

@@ -11,19 +11,21 @@ from pmf_fast.model import PMFDiT
 from pmf_fast.muon import build_optimizers
 from tests.conftest import assert_close_by_rule
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"   # on a GPU the real kernels run (fp32, IEEE dots)
+
 
 def setup(B=4, seed=0):
     torch.manual_seed(seed)
     cfg = get_config("pMF-XS/4-test")
-    model = PMFDiT(cfg.model)
+    model = PMFDiT(cfg.model).to(DEV)
     with torch.no_grad():                         # wake up the zero-initialised gates and final layers
         for n, p in model.named_parameters():
             if "scale" in n or "final_layer.linear" in n:
                 p.normal_(0, 0.3)
     m = cfg.model
-    x = torch.rand(B, m.in_channels, m.image_size, m.image_size) * 2 - 1
-    y = torch.randint(0, m.num_classes, (B,))
-    draws = sample_draws(x, cfg.objective, torch.Generator().manual_seed(seed + 1))
+    x = torch.rand(B, m.in_channels, m.image_size, m.image_size, device=DEV) * 2 - 1
+    y = torch.randint(0, m.num_classes, (B,), device=DEV)
+    draws = sample_draws(x, cfg.objective, torch.Generator(DEV).manual_seed(seed + 1))
     return cfg, model, x, y, draws
 
 
@@ -86,7 +88,7 @@ def test_a_few_optimizer_steps_stay_together():
     for impl in ("reference", "fast"):
         m = copy.deepcopy(model).set_fast(impl == "fast")
         opts = build_optimizers(m, cfg.optim, fast=impl == "fast")
-        gen = torch.Generator().manual_seed(5)
+        gen = torch.Generator(DEV).manual_seed(5)
         for _ in range(3):
             d = sample_draws(x, cfg.objective, gen)
             step(m, x, y, d, cfg, "reference" if impl == "reference" else "explicit")
