@@ -53,7 +53,8 @@ class DaliLoader:
         self.args = dict(files=files, labels=labels, image_size=image_size, shard_id=rank, num_shards=world,
                          decoder_device="mixed" if gpu else "cpu", flip=flip, reader_seed=seed,
                          batch_size=batch, num_threads=num_threads,
-                         device_id=self.device.index if gpu else None, seed=seed + rank)
+                         device_id=(torch.cuda.current_device() if self.device.index is None else self.device.index)
+                         if gpu else None, seed=seed + rank)
         self._build(state)
 
     def _build(self, state):
