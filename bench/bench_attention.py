@@ -1,5 +1,5 @@
 """Attention: forward + tangent, plain forward, backward, against baselines in the same run.
-FLOPs (kernels.md 4.3): forward 4 B H N^2 D, forward + tangent 3x that, backward 2.5x.
+FLOPs (flash-attention's benchmark convention): forward 4 B H N^2 D, forward + tangent 3x that, backward 2.5x.
 Shapes: pMF-B/16 (12 heads, D 64) and pMF-H/16 (16 heads, D 80) at N = 276, batch 128 and 256, bf16.
 Targets (H100): fwd+tangent >= 3x the math-attention JVP and >= 300 TFLOP/s; backward >= 250 TFLOP/s.
 """
@@ -40,7 +40,7 @@ def test_forward_tangent(benchmark, shape):
                ("jvp-flash-attention 'fwd_dual' under torch.func.jvp", time_ms(jfa)))
     except ImportError:
         info["jvp_flash_attention"] = "not installed"
-    except Exception as e:                      # e.g. its head-dim or N constraints (kernels.md 1.5)
+    except Exception as e:                      # e.g. its head-dim or N constraints
         info["jvp_flash_attention"] = f"does not run here: {type(e).__name__}: {str(e)[:120]}"
     record(benchmark, "attention fwd+tangent", f"{shape}", ours, 3 * fwd_flops(*shape),
            ("torch.func.jvp(math attention)", base), **info)

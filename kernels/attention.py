@@ -12,7 +12,7 @@ padded to 128 with masked loads), fp32 / fp16 / bf16 inputs with fp32 softmax an
 Eager references (the definition of correct): attention_ref, attention_jvp_ref.
 
 Kernels (flash-attention 2 style, one program per [BLOCK_M query rows] of one (batch, head)):
-  _attn_fwd_kernel   online softmax; with HAS_TANGENT it also carries (kernels.md section 1.2)
+  _attn_fwd_kernel   online softmax; with HAS_TANGENT it also carries (the blockwise JVP of sCM, arXiv 2410.11081, App. F)
                      r = sum_j p_j s_dot_j and G = sum_j p_j s_dot_j v_j + p_j v_dot_j, rescaled by
                      the same alpha as l and O; epilogue O = acc / l, O_dot = G / l - (r / l) O.
                      Tangent math per query row: s_dot_j = tau (q_dot.k_j + q.k_dot_j),
@@ -20,7 +20,8 @@ Kernels (flash-attention 2 style, one program per [BLOCK_M query rows] of one (b
   _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel   two passes (no atomics: deterministic),
                      D_i = rowsum(dO o O), dS = P o (dO V^T - D), dQ = tau dS K, dK = tau dS^T Q, dV = P^T dO.
 Registered with torch.library.custom_op + register_fake + register_autograd, so torch.compile
-(fullgraph) traces them, on GPU and in Triton's CPU interpreter alike (kernels.md section 0).
+(fullgraph) traces them, on GPU and in Triton's CPU interpreter alike (triton_op + wrap_triton
+fails under compile in the interpreter, where the launch runs during fake-tensor tracing).
 On CPU without TRITON_INTERPRET=1 the ops fall back to the eager reference.
 """
 import math
@@ -103,7 +104,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         if HAS_TANGENT:
             qd = tl.load(QD + q_off, mask=q_mask, other=0.0)
-            g_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # sum p s_dot v + p v_dot (one tile, kernels.md 1.2)
+            g_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # sum p s_dot v + p v_dot (one tile for both sums)
             r_i = tl.zeros([BLOCK_M], tl.float32)
         qk_scale = scale * 1.4426950408889634                   # log2(e): scores in the exp2 domain
         for start in range(0, N, BLOCK_N):

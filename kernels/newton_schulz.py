@@ -6,7 +6,7 @@ Per matrix, on the wide orientation (transposed when m > n), after Frobenius nor
 with (a, b, c) = (3.4445, -4.7750, 2.0315) (KellerJordan/Muon): the output is roughly U S' V^T
 with S' in [0.5, 1.5], not exactly U V^T. Eager reference: newton_schulz_ref.
 
-Kernels (kernels.md section 2.3): A = X X^T and B = b A + c A A^T are symmetric, so both compute
+Kernels (the idea of modded-nanogpt's and microsoft/dion's Triton NS): A = X X^T and B = b A + c A A^T are symmetric, so both compute
 only the tiles on and below the diagonal and store each tile and its mirror image (about a third
 fewer FLOPs at m = n); the batch of same-shape matrices is a grid axis, so all of pMF-B's
 768 x 768 matrices are one launch instead of dozens of small GEMMs. X <- a X + B X is a batched

@@ -30,7 +30,7 @@ class ModelConfig:
     bottleneck: int = 128          # channels of the p x p patch conv (JiT bottleneck; 256 for H)
     mlp_ratio: float = 8 / 3       # SwiGLU hidden = int(D * ratio), rounded up to 8 above D = 1024
     num_classes: int = 1000        # class labels; id num_classes is the null (unconditional) class
-    num_class_tokens: int = 8      # in-context tokens per condition (pmf_spec section 3) ...
+    num_class_tokens: int = 8      # in-context tokens per condition (paper section 6, official pmfDiT) ...
     num_cfg_tokens: int = 4        # ... omega tokens
     num_interval_tokens: int = 2   # ... t_min tokens and t_max tokens (each)
     num_time_tokens: int = 4       # ... time tokens, fed h = t - r
@@ -75,7 +75,7 @@ class TrainConfig:
     epochs: int = 320              # passes over the data (ignored when steps > 0)
     steps: int = 0                 # total optimizer steps; 0 = derive from epochs
     time_budget_s: float = 0.0     # stop after this many seconds of training (0 = no limit)
-    ema_halflives_kimg: tuple = (500, 1000, 2000)  # EDM-style EMAs kept at once (pmf_spec section 4)
+    ema_halflives_kimg: tuple = (500, 1000, 2000)  # EDM-style EMAs kept at once (official configs)
     seed: int = 42                 # base seed; rank r uses seed + r for its draws
     num_workers: int = 8           # data loader workers (PIL) or decoder threads (DALI) per rank
     loader: str = "auto"           # "dali" (GPU JPEG decoding), "pil", or "auto": DALI when installed
@@ -129,7 +129,7 @@ class Config:
 # ----------------------------------------------------------------------------- presets
 def _paper(image_size, patch, width, depth, heads, bottleneck, noise_scale, P_mean, tr_uniform,
            t_thr, cfg_beta, epochs, omega, t_min, t_max, ema_kimg) -> Config:
-    """A paper preset (pmf_spec sections 2-4; official configs where the paper is silent)."""
+    """A paper preset (paper Tab. 5-8; the official configs where the paper is silent)."""
     c = Config()
     c.model = ModelConfig(image_size=image_size, patch_size=patch, hidden_size=width, depth=depth,
                           num_heads=heads, bottleneck=bottleneck)

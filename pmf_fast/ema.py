@@ -1,4 +1,4 @@
-"""EDM-style EMAs with half-lives in kimg (pmf_spec section 4; official utils/ema_util.py):
+"""EDM-style EMAs with half-lives in kimg (official utils/ema_util.py):
     beta = 0.5 ** (batch / max(min(H * 1000, step * batch * 0.05), 1e-8))
 Several are kept at once and the best is chosen at evaluation. The official code hard-codes the
 batch as 1024; here it is the run's global batch, which is the same for the paper presets.

@@ -2,7 +2,8 @@
 
 forward: the primal with autograd; the reference path runs torch.func.jvp over it.
 jvp:     the same primal with autograd, plus the tangent computed by hand from the primal's
-         intermediates without autograd (it enters the loss under stop-gradient; DESIGN.md).
+         intermediates without autograd (it enters the loss under stop-gradient, so keeping its
+         activations for a backward would be waste).
 fast:    a class-level switch (model.set_fast(True)) that routes jvp() and the primal-only attention
          to the Triton kernels (kernels/): Linear runs [x; x_dot] through one GEMM and saves only x,
          attention returns (o, o_dot) in one pass, the patch embedding takes both images in one

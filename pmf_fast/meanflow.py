@@ -1,4 +1,4 @@
-"""The pMF objective (pmf_spec section 2, "What the official code actually does") and sampling.
+"""The pMF objective (arXiv 2601.22158 Alg. 2, as the official pmf.py implements it) and sampling.
 
 One training step:  draws = sample_draws(...)  ->  loss, logs = pmf_loss(model, x, y, draws, cfg).
 The random draws are separate from the loss so that the reference and explicit JVP paths can be
@@ -56,7 +56,7 @@ def sample_label_drop(n, cfg: ObjectiveConfig, gen, device):
     """Which samples lose their label (CFG dropout).
     "bernoulli": each sample independently with probability p.
     "first": the official code's quirk: num_drop ~ Bin(n, p), then the *first* num_drop samples
-    are dropped, which all fall in the r = t half (pmf_spec section 2 step 6; PR #7 upstream)."""
+    are dropped, which all fall in the r = t half (official pmf.py cond_drop; upstream PR #7)."""
     coin = torch.rand(n, generator=gen, device=device) < cfg.class_dropout_prob
     if cfg.label_dropout == "first":
         return torch.arange(n, device=device) < coin.sum()
@@ -129,7 +129,7 @@ def jvp_reference(model, z, v_c, t, r, omega, t_min, t_max, y):
 
 
 def jvp_explicit(model, z, v_c, t, r, omega, t_min, t_max, y):
-    """model.jvp: the same quantities with the tangent carried by hand (DESIGN.md)."""
+    """model.jvp: the same quantities with the tangent carried by hand (no forward-mode AD)."""
     ones = torch.ones_like(t)
     (u, v), du_dt = model.jvp(z, v_c, t, ones, t - r, ones, omega, t_min, t_max, y)
     return u, du_dt, v

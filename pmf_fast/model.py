@@ -1,11 +1,11 @@
-"""The pMF DiT (pmf_spec section 3): in-context conditioning, a shared trunk, a u-head and an
+"""The pMF DiT (arXiv 2601.22158 section 6, official models/pmfDiT.py): in-context conditioning, a shared trunk, a u-head and an
 auxiliary v-head. Mirrors the official `pmfDiT` (Lyy-iiis/pMF, branch torch, models/pmfDiT.py):
 same parameter names and shapes minus the `_flax_linear` / `_flax_embedding` wrapper levels, so
 official checkpoints load through `load_official_state_dict`.
 
 forward(x, t, h, omega, t_min, t_max, y) -> (u, v): the network sees h = t - r, never t itself;
 t only enters through u = (z - x_hat) / max(t, t_eps). jvp() adds the tangent of u along
-(x_dot, t_dot, h_dot) with every other input held fixed (pmf_spec section 1).
+(x_dot, t_dot, h_dot) with every other input held fixed (the MeanFlow total derivative along (v, 0, 1)).
 """
 import re
 

@@ -1,4 +1,4 @@
-"""Muon for 2-D weight matrices, AdamW for everything else (the official recipe, pmf_spec section 4).
+"""Muon for 2-D weight matrices, AdamW for everything else (the official recipe).
 
 Muon (optax.contrib.muon as the official JAX code uses it): Nesterov momentum 0.95 with bias
 correction, 5 Newton-Schulz steps after Frobenius normalisation, update scaled by

@@ -1,4 +1,4 @@
-"""Perceptual losses on the u-head's x prediction (pmf_spec section 2, "Perceptual-loss details"):
+"""Perceptual losses on the u-head's x prediction (paper App. A; official utils/auxloss_util.py):
 LPIPS-VGG (the `lpips` package) and the ConvNeXt-V2-Base pooled-feature loss (timm), both on one
 paired random-resized crop to 224 (scale (0.08, 1), ratio (3/4, 4/3), bicubic with antialias),
 images in [-1, 1] without ImageNet normalisation, networks frozen in eval mode.

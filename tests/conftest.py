@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-# atol added to the error bound, per dtype (flash-attention's rule, DESIGN.md)
+# atol added to the error bound, per dtype (flash-attention's rule)
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 

@@ -70,7 +70,7 @@ def test_fast_matches_reference_loss_and_every_gradient():
 
 
 def test_compiled_fast_step_equals_eager():
-    """Catches tangents silently dropped by the compiler (kernels.md 1.5): inductor, fullgraph."""
+    """Catches tangents silently dropped by the compiler (pytorch#192985): inductor, fullgraph."""
     cfg, model, x, y, d = setup()
     model.set_fast(True)
     logs_e, g_e = step(model, x, y, d, cfg, "explicit")
