@@ -19,7 +19,7 @@ import time
 import torch
 
 from pmf_fast import dist
-from pmf_fast.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pmf_fast.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from pmf_fast.config import DEFAULT_PRESET, Config, ConfigError, get_config, save_config, set_field, validate
 from pmf_fast.data import make_loader
 from pmf_fast.ema import EMAs
@@ -234,3 +234,5 @@ if __name__ == "__main__":
         main()
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except (CheckpointError, FileNotFoundError) as e:     # bad input: the message says what and where
+        sys.exit(f"error: {e}")

@@ -150,3 +150,8 @@ def test_training_on_a_folder_with_bad_files(folder, tmp_path, loader, capsys, m
     assert [json.loads(l)["step"] for l in open(os.path.join(run, "log.jsonl"))] == [3]
     resumed = train.main(["--resume", run, "train.steps=5"])                     # data position restored
     assert [json.loads(l)["step"] for l in open(os.path.join(resumed, "log.jsonl"))] == [3, 5]
+
+
+def test_check_cli_on_a_missing_dir(tmp_path, capsys):
+    assert check_main(["check", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -14,7 +14,11 @@ def main(argv=None):
     c.add_argument("--workers", type=int, default=None)
     c.add_argument("--no-cache", action="store_true", help="scan again even if a cached result exists")
     a = p.parse_args(argv)
-    files, _, classes = scan_folder(a.dir, all_files=True)
+    try:
+        files, _, classes = scan_folder(a.dir, all_files=True)
+    except (FileNotFoundError, PermissionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     result = scan_images(files, a.workers, cache=not a.no_cache)
     for path, reason in sorted(result["bad"].items()):
         print(f"BAD  {path}: {reason}")
