@@ -45,8 +45,10 @@ class EMAs:
                 dst.copy_(src)
 
     def copy_into(self, model, key):
-        """A copy of `model` holding EMA `key`'s weights."""
+        """A copy of `model` holding EMA `key`'s weights (key None: the raw weights)."""
         out = copy.deepcopy(model)
+        if key is None:
+            return out
         with torch.no_grad():
             for p, e in zip(out.parameters(), self.params[key]):
                 p.copy_(e)

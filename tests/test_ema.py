@@ -23,3 +23,18 @@ def test_emas_track_and_restore():
     other = EMAs(model, (1, 4), batch_size=100)
     other.load_state_dict(state)
     assert torch.equal(other.params["ema_4"][0], emas.params["ema_4"][0])
+
+
+def test_sampling_ema_choice():
+    from pmf_fast.sampling import pick_ema
+    model = torch.nn.Linear(3, 2)
+    emas = EMAs(model, (1, 4), batch_size=100)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert pick_ema(emas, "auto") == "ema_4" and pick_ema(emas, "1") == "ema_1"
+    assert torch.equal(emas.copy_into(model, pick_ema(emas, "raw")).weight, model.weight)   # raw weights
+    try:
+        pick_ema(emas, "3")
+        raise AssertionError("an unknown half-life must be an error")
+    except ValueError as e:
+        assert "no EMA with half-life 3" in str(e)
