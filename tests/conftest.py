@@ -27,6 +27,16 @@ def assert_close_by_rule(out, ref64, eager_same_dtype, name="output", factor=2.0
     assert err <= bound, f"{name}: error {err:.3e} > {factor} x eager error {base:.3e} + atol"
 
 
+@torch.no_grad()
+def wake_up(model, std=0.3):
+    """Randomise the zero-initialised residual gates and final layers, so that every block and
+    head affects the output (at init the network is the identity on its tokens and outputs 0)."""
+    for n, p in model.named_parameters():
+        if "scale" in n or "final_layer.linear" in n:
+            p.normal_(0, std)
+    return model
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

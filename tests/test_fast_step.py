@@ -9,7 +9,7 @@ from pmf_fast.config import get_config
 from pmf_fast.meanflow import JVP, pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
 from pmf_fast.muon import build_optimizers
-from tests.conftest import assert_close_by_rule
+from tests.conftest import assert_close_by_rule, wake_up
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"   # on a GPU the real kernels run (fp32, IEEE dots)
 
@@ -17,11 +17,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"   # on a GPU the real kerne
 def setup(B=4, seed=0):
     torch.manual_seed(seed)
     cfg = get_config("pMF-XS/4-test")
-    model = PMFDiT(cfg.model).to(DEV)
-    with torch.no_grad():                         # wake up the zero-initialised gates and final layers
-        for n, p in model.named_parameters():
-            if "scale" in n or "final_layer.linear" in n:
-                p.normal_(0, 0.3)
+    model = wake_up(PMFDiT(cfg.model).to(DEV))
     m = cfg.model
     x = torch.rand(B, m.in_channels, m.image_size, m.image_size, device=DEV) * 2 - 1
     y = torch.randint(0, m.num_classes, (B,), device=DEV)

@@ -8,6 +8,7 @@ from pmf_fast.config import ObjectiveConfig, get_config
 from pmf_fast.meanflow import (adaptive_weight, cfg_targets, generate, jvp_explicit, jvp_reference, pmf_loss,
                                sample_draws, sample_interval, sample_label_drop, sample_omega, sample_t_r)
 from pmf_fast.model import PMFDiT
+from tests.conftest import wake_up
 
 N = 200_000
 
@@ -98,10 +99,7 @@ def test_cfg_target_matches_official_three_pass():
 
 def tiny_setup(B=4, **obj):
     cfg = get_config("pMF-XS/4-test", [f"objective.{k}={v}" for k, v in obj.items()])
-    model = PMFDiT(cfg.model).double()
-    for n, p in model.named_parameters():
-        if "scale" in n or "final_layer.linear" in n:
-            torch.nn.init.normal_(p, std=0.3)
+    model = wake_up(PMFDiT(cfg.model).double())
     m = cfg.model
     x = torch.rand(B, m.in_channels, m.image_size, m.image_size, dtype=torch.float64) * 2 - 1
     y = torch.randint(0, m.num_classes, (B,))

@@ -4,17 +4,14 @@ import torch
 from pmf_fast import layers as L
 from pmf_fast.config import get_config
 from pmf_fast.model import PMFDiT, load_official_state_dict, ours_to_official
+from tests.conftest import wake_up
 
 DT = torch.float64
 
 
 def tiny(aux=True, **kw):
     cfg = get_config("pMF-XS/4-test", [f"model.{k}={v}" for k, v in kw.items()]).model
-    model = PMFDiT(cfg, aux_head=aux).to(DT)
-    for n, p in model.named_parameters():        # wake up the zero-initialised gates and final layers
-        if "scale" in n or "final_layer.linear" in n:
-            torch.nn.init.normal_(p, std=0.5)
-    return model
+    return wake_up(PMFDiT(cfg, aux_head=aux).to(DT), std=0.5)
 
 
 def inputs(model, B=3):
