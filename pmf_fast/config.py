@@ -66,6 +66,11 @@ class OptimConfig:
     adam_betas: tuple = (0.9, 0.95)  # AdamW for every non-2-D parameter
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
+    warmup_steps: int = 0          # linear learning-rate warm-up from 0 (0 = none, the official recipe)
+    decay: str = "none"            # "none": constant lr (official); "cosine": down to min_lr_ratio x lr at the
+                                   # end of training, the end being train.steps or train.time_budget_s,
+                                   # whichever comes first (so a budget stop is a planned end, not a cut)
+    min_lr_ratio: float = 0.0      # the cosine's final lr as a fraction of lr
 
 
 @dataclass
@@ -85,6 +90,16 @@ class TrainConfig:
                                    # Triton kernels under torch.compile; "eager" = model.jvp in plain
                                    # PyTorch; "reference" = torch.func.jvp over model.forward, eager math
                                    # attention; "auto" = fast on CUDA, eager on CPU
+    parallel: str = "ddp"          # data parallelism over ranks: "ddp" (DistributedDataParallel, all-reduce
+                                   # overlapped with backward) or "fsdp" (FSDP2 fully_shard per block)
+    shard_size: int = 0            # fsdp only: ranks per shard group; 0 = all ranks (FSDP), a divisor of the
+                                   # world size = HSDP (shard within groups, replicate across them)
+    checkpointing: str = "none"    # activation checkpointing: "none" or "blocks" (recompute each block in backward)
+    nonfinite: str = "stop"        # on a non-finite loss: "stop" (checkpoint kept from before) or "skip" the update
+    max_nonfinite: int = 10        # "skip": stop after this many non-finite steps in a row
+    stop_check_every: int = 10     # steps between the stop checks all ranks agree on (time budget, SIGTERM /
+                                   # SIGINT); each is one small all-reduce, so not every step on GPUs
+    tensorboard: bool = True       # also log to TensorBoard (runs/<run>/tb) when the package is installed
     log_every: int = 100           # steps between log lines
     sample_every: int = 5000       # steps between sample grids (0 = off)
     ckpt_every: int = 5000         # steps between checkpoints (and one at the end)
