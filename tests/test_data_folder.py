@@ -3,6 +3,8 @@
 import io
 import json
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from pmf_fast.data.__main__ import main as check_main
-from pmf_fast.data.check import check_image, load_rgb
+from pmf_fast.data.check import DecompressionBomb, check_image, load_rgb
 from pmf_fast.data.dali import HAVE_DALI, DaliLoader
 from pmf_fast.data.folder import FolderDataset, center_crop_arr, scan_folder, usable_images
 
@@ -155,3 +157,51 @@ def test_training_on_a_folder_with_bad_files(folder, tmp_path, loader, capsys, m
 def test_check_cli_on_a_missing_dir(tmp_path, capsys):
     assert check_main(["check", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def forged_png(w, h):
+    """A 69-byte PNG whose IHDR (valid CRC) claims w x h RGB pixels: what a decompression bomb shows PIL."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))
+
+
+def forged_bmp(w, h):
+    """A 118-byte BMP whose BITMAPINFOHEADER claims w x h 24-bit pixels."""
+    pixels = bytes(64)
+    dib = struct.pack("<IiiHHIIiiII", 40, w, h, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + len(dib) + len(pixels), 0, 0, 14 + len(dib)) + dib + pixels
+
+
+def test_decompression_bombs_are_listed_and_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PMF_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng()
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        os.makedirs(root / c)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    huge = int(rng.integers(60_000, 100_001)), int(rng.integers(60_000, 100_001))   # > 2x PIL's limit: its error
+    big = int(rng.integers(9_500, 10_500)), 10_000                                   # 1x..2x the limit: its warning
+    (root / "a" / "huge.png").write_bytes(forged_png(*huge))
+    (root / "b" / "big.bmp").write_bytes(forged_bmp(*big))
+    limit = Image.MAX_IMAGE_PIXELS
+
+    assert check_main(["check", str(root), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert f"huge.png: decompression bomb: {huge[0]}x{huge[1]} pixels exceeds PIL's limit of {limit}" in out
+    assert f"big.bmp: decompression bomb: {big[0]}x{big[1]} pixels exceeds PIL's limit of {limit}" in out
+    assert "6 files in 2 classes: 4 usable, 2 unusable" in out and Image.MAX_IMAGE_PIXELS == limit
+
+    files, labels, _, report = usable_images(str(root))
+    assert len(files) == 4 and "2 unusable excluded" in report and not any("huge" in f or "big" in f for f in files)
+
+    # the PIL loader: a file that became a bomb after the scan is skipped with a warning, not a crash
+    for bomb, size in ((root / "a" / "huge.png", huge), (root / "b" / "big.bmp", big)):
+        with pytest.raises(DecompressionBomb, match=f"{size[0]}x{size[1]} pixels"):
+            load_rgb(str(bomb))
+        ds = FolderDataset([str(bomb)] + files, [5] + labels, 16)
+        with pytest.warns(UserWarning, match=f"skipping unreadable image .*{bomb.name}: decompression bomb"):
+            x, y = ds[0]
+        assert y == labels[0] and x.shape == (3, 16, 16)
