@@ -1,7 +1,8 @@
 """Perceptual losses on the u-head's x prediction (paper App. A; official utils/auxloss_util.py):
 LPIPS-VGG (the `lpips` package) and the ConvNeXt-V2-Base pooled-feature loss (timm), both on one
-paired random-resized crop to 224 (scale (0.08, 1), ratio (3/4, 4/3), bicubic with antialias),
-images in [-1, 1] without ImageNet normalisation, networks frozen in eval mode.
+paired random-resized crop to 224 (scale (0.08, 1), ratio (3/4, 4/3), bicubic with antialias; by
+default the official one-draw rule with clipped sides, see crop_params), images in [-1, 1] without
+ImageNet normalisation, networks frozen in eval mode.
 
 Nothing downloads. Weight files:
   VGG16 (LPIPS trunk): vgg16-397923af.pth in $TORCH_HOME/hub/checkpoints/ (torchvision's cache),
@@ -38,14 +39,30 @@ def _missing(what, path, url, how):
 
 
 # ----------------------------------------------------------------------------- paired crop
-def crop_params(h, w, gen, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop.get_params with our generator: (top, left, ch, cw)."""
+CROP_MODES = ("official", "redraw")
+
+
+def crop_params(h, w, gen, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mode="official"):
+    """One crop window (top, left, ch, cw) of an h x w image, drawn with the CPU generator `gen`.
+
+    Both modes draw an area fraction s ~ U(scale) and a log-uniform aspect a in `ratio`, and take
+    cw = round(sqrt(s a h w)), ch = round(sqrt(s h w / a)) (round half to even, as jnp.round).
+    "official": one draw, each side clipped to [1, image side] (official utils/auxloss_util.py
+        paired_random_resized_crop): at 256 x 256 about 14% of the crops have a clipped side, whose
+        window is then a full-width or full-height band.
+    "redraw": torchvision's RandomResizedCrop.get_params: up to 10 draws until both sides fit,
+        else the central square.
+    The window's position is uniform over the positions that keep it inside the image."""
+    if mode not in CROP_MODES:
+        raise ValueError(f"crop mode {mode!r}: use one of {CROP_MODES}")
     area = h * w
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
+    for _ in range(1 if mode == "official" else 10):
         target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=gen).item())
         aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * torch.rand(1, generator=gen).item())
         cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if mode == "official":
+            cw, ch = min(max(cw, 1), w), min(max(ch, 1), h)
         if 0 < cw <= w and 0 < ch <= h:
             top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
             left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
@@ -54,12 +71,13 @@ def crop_params(h, w, gen, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     return (h - s) // 2, (w - s) // 2, s, s
 
 
-def paired_random_resized_crop(a, b, seed, size=224):
-    """The same random crop of each image pair, resized to size x size (bicubic, antialias)."""
+def paired_random_resized_crop(a, b, seed, size=224, mode="official"):
+    """The same random crop of each image pair, resized to size x size (bicubic, antialias). One
+    window per sample, drawn from a CPU generator seeded with `seed` (no device sync)."""
     gen = torch.Generator().manual_seed(seed)
     outs_a, outs_b = [], []
     for i in range(a.shape[0]):
-        top, left, ch, cw = crop_params(a.shape[-2], a.shape[-1], gen)
+        top, left, ch, cw = crop_params(a.shape[-2], a.shape[-1], gen, mode=mode)
         pair = torch.stack([a[i, :, top:top + ch, left:left + cw], b[i, :, top:top + ch, left:left + cw]])
         pair = F.interpolate(pair.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
         outs_a.append(pair[0])
@@ -147,13 +165,17 @@ def convnext_features(net, x):
 class PerceptualLoss(nn.Module):
     """Per-sample LPIPS and ConvNeXt feature distances; a term whose weight is 0 is not built."""
 
-    def __init__(self, lpips_weight, convnext_weight, weights="pretrained", convnext_name="convnextv2_base"):
+    def __init__(self, lpips_weight, convnext_weight, weights="pretrained", convnext_name="convnextv2_base",
+                 crop="official"):
         super().__init__()
+        if crop not in CROP_MODES:
+            raise ValueError(f"crop mode {crop!r}: use one of {CROP_MODES}")
+        self.crop = crop                               # objective.perceptual_crop
         self.lpips = build_lpips(weights) if lpips_weight > 0 else None
         self.convnext = build_convnext(weights, convnext_name) if convnext_weight > 0 else None
 
-    def forward(self, x_hat, x, seed):
-        a, b = paired_random_resized_crop(x_hat, x, seed)
+    def forward(self, x_hat, x, seed: int):
+        a, b = paired_random_resized_crop(x_hat, x, seed, mode=self.crop)
         a = a.to(x_hat.dtype)
         b = b.to(x_hat.dtype)
         if a.shape[1] == 1:                            # grayscale data: the nets take RGB

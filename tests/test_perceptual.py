@@ -1,3 +1,7 @@
+import math
+import secrets
+
+import numpy as np
 import pytest
 import torch
 
@@ -16,13 +20,85 @@ def test_paired_crop_is_shared():
     assert not torch.allclose(ca, ca2)                # a new seed gives a new window
 
 
-def test_crop_params_follow_scale_and_ratio():
-    g = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        top, left, h, w = P.crop_params(256, 256, g)
-        assert 0 <= top and top + h <= 256 and 0 <= left and left + w <= 256
-        assert 0.08 * 256 * 256 * 0.9 <= h * w <= 256 * 256
-        assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+def fresh_generator():
+    seed = secrets.randbits(62)
+    print(f"seed {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def draw_crops(h, w, n, mode):
+    g = fresh_generator()
+    return np.array([P.crop_params(h, w, g, mode=mode) for _ in range(n)])    # [n, 4]: top, left, ch, cw
+
+
+def p_product_at_least(c, s0=0.08, r=(3 / 4, 4 / 3), grid=200_000):
+    """P(s * a >= c) for s ~ U(s0, 1) and log a ~ U(log r0, log r1) (so also for s / a), by the
+    midpoint rule over log a. This is the official formula's law, written from its definition:
+    a crop side clips (official rule) or rounds up to the image side n exactly when s a n_h n_w >=
+    (n - 1/2)^2."""
+    u = np.log(r[0]) + (np.log(r[1]) - np.log(r[0])) * (np.arange(grid) + 0.5) / grid
+    return float(np.clip((1 - c * np.exp(-u)) / (1 - s0), 0, 1).mean())
+
+
+@pytest.mark.parametrize("h, w", [(256, 256), (32, 40)])
+def test_official_crop_sizes_follow_the_official_formula(h, w):
+    """One draw, sides clipped to [1, side] (official utils/auxloss_util.py): the law of each side
+    (its whole CDF) and the clipped fraction (about 14% at 256 px) match the formula."""
+    n = 20_000
+    c = draw_crops(h, w, n, "official")
+    top, left, ch, cw = c.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + ch <= h).all() and (left + cw <= w).all()
+    assert (ch >= 1).all() and (cw >= 1).all()
+    ks = 2.0 / math.sqrt(n)                          # Kolmogorov-Smirnov, p ~ 5e-4
+    for side, other, got in ((w, h, cw), (h, w, ch)):
+        # cw = min(w, round(sqrt(s a h w))): P(cw <= k) = P(s a < (k + 1/2)^2 / (h w)) for k < w
+        cdf = np.array([1 - p_product_at_least((k + 0.5) ** 2 / (h * w)) for k in range(1, side)])
+        emp = np.array([(got <= k).mean() for k in range(1, side)])
+        assert np.abs(emp - cdf).max() < ks, np.abs(emp - cdf).max()
+        p_full = p_product_at_least((side - 0.5) ** 2 / (h * w))
+        assert abs((got == side).mean() - p_full) < 5 * math.sqrt(p_full * (1 - p_full) / n) + 1e-3
+    both = p_product_at_least((h - 0.5) ** 2 / (h * w)) + p_product_at_least((w - 0.5) ** 2 / (h * w))
+    clipped = ((ch == h) | (cw == w)).mean()
+    assert abs(clipped - both) < 5 * math.sqrt(both * (1 - both) / n) + 1e-3, (clipped, both)
+    if h == w == 256:
+        assert 0.13 < both < 0.15 and 0.125 < clipped < 0.155      # "about 14% of its crops get clipped"
+    # the window's position is uniform over the positions that fit
+    free = ch < h
+    frac = top[free] / (h - ch[free])
+    assert abs(frac.mean() - 0.5) < 5 * math.sqrt(1 / 12 / free.sum()) + 0.01
+    assert (top[~free] == 0).all()
+
+
+def test_redraw_crop_keeps_the_aspect_and_rarely_fills_a_side():
+    """torchvision's rule: redraw until both sides fit, so sides never clip and the aspect stays in
+    [3/4, 4/3] (up to rounding); a full side only comes from rounding, far rarer than 14%."""
+    n = 5_000
+    top, left, ch, cw = draw_crops(256, 256, n, "redraw").T
+    assert (top + ch <= 256).all() and (left + cw <= 256).all()
+    aspect = cw / ch
+    assert aspect.min() >= 3 / 4 * 0.97 and aspect.max() <= 4 / 3 / 0.97
+    assert ((ch == 256) | (cw == 256)).mean() < 0.03
+    assert (ch * cw >= 0.08 * 256 * 256 * 0.97).all()
+    _, _, och, ocw = draw_crops(256, 256, n, "official").T     # the same law, one draw, clipped
+    assert ((och == 256) | (ocw == 256)).mean() > 0.1
+
+
+def test_crop_mode_is_checked_and_reaches_the_loss():
+    with pytest.raises(ValueError, match="crop mode 'center'"):
+        P.crop_params(8, 8, torch.Generator(), mode="center")
+    with pytest.raises(ValueError, match="crop mode"):
+        P.PerceptualLoss(0, 0, weights="random", crop="center")
+    loss_fn = P.PerceptualLoss(0, 0, weights="random", crop="redraw")
+    assert loss_fn.crop == "redraw" and P.PerceptualLoss(0, 0, weights="random").crop == "official"
+    # a seed draws the same windows in paired_random_resized_crop as in crop_params, per mode
+    x = torch.randn(6, 3, 20, 20)
+    for mode in P.CROP_MODES:
+        g = torch.Generator().manual_seed(3)
+        wins = [P.crop_params(20, 20, g, mode=mode) for _ in range(6)]
+        ca, _ = P.paired_random_resized_crop(x, x, seed=3, size=20, mode=mode)
+        for i, (t, l, h, w) in enumerate(wins):
+            if (h, w) == (20, 20):
+                assert torch.allclose(ca[i], x[i], atol=1e-4)
 
 
 def test_convnext_hf_map_matches_transformers():
