@@ -1,5 +1,6 @@
 import copy
 import math
+import secrets
 
 import pytest
 import torch
@@ -50,11 +51,44 @@ def test_interval_and_label_drop():
     t_min, t_max = sample_interval(fm, g)
     assert (t_min[fm] == 0).all() and (t_max[fm] == 1).all()
     assert t_min[~fm].max() <= 0.5 and t_max[~fm].min() >= 0.5 and abs(t_min[~fm].mean() - 0.25) < 0.005
-    drop = sample_label_drop(N, ObjectiveConfig(class_dropout_prob=0.1), g, "cpu")
+    drop = sample_label_drop(N, ObjectiveConfig(class_dropout_prob=0.1, label_dropout="bernoulli"), g, "cpu")
     assert abs(drop.double().mean() - 0.1) < 0.005 and drop[: N // 2].any() and drop[N // 2:].any()
     first = sample_label_drop(1000, ObjectiveConfig(class_dropout_prob=0.1, label_dropout="first"), g, "cpu")
     k = int(first.sum())
     assert k > 0 and first[:k].all() and not first[k:].any()      # the official quirk: a prefix
+
+
+@pytest.mark.parametrize("rule", [None, "first", "bernoulli"])
+def test_label_dropout_fraction_per_half(rule):
+    """Dropped fraction in the r = t half and the r < t half, over many batches of 256.
+    "first" (official cond_drop, the paper presets' default): num_drop ~ Bin(B, p) per batch and the
+    first num_drop samples dropped: 2p of the r = t half, none of the r < t half.
+    "bernoulli": p of each half. Both: the per-batch count is Bin(B, p) (mean B p, variance B p (1 - p))."""
+    B, batches, p = 256, 2000, 0.1
+    cfg = get_config("pMF-B/16", [f"objective.label_dropout={rule}"] if rule else []).objective
+    assert cfg.class_dropout_prob == p
+    seed = secrets.randbits(62)
+    print(f"seed {seed}")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(B, 1, 1, 1)
+    fm_drops = tr_drops = 0
+    counts = []
+    for _ in range(batches):
+        d = sample_draws(x, cfg, g)
+        fm_drops += int(d.drop[d.fm_mask].sum())
+        tr_drops += int(d.drop[~d.fm_mask].sum())
+        k = int(d.drop.sum())
+        counts.append(k)
+        if cfg.label_dropout == "first":
+            assert d.drop[:k].all() and not d.drop[k:].any()          # a prefix of the batch
+    half = B // 2 * batches
+    counts = torch.tensor(counts, dtype=torch.float64)
+    assert abs(counts.mean() - B * p) < 0.8 and abs(counts.var() / (B * p * (1 - p)) - 1) < 0.2
+    if cfg.label_dropout == "first":
+        assert abs(fm_drops / half - 2 * p) < 0.005 and tr_drops == 0
+    else:
+        assert abs(fm_drops / half - p) < 0.004 and abs(tr_drops / half - p) < 0.004
+    assert cfg.label_dropout == (rule or "first")
 
 
 def test_adaptive_weight():
