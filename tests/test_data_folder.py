@@ -4,6 +4,8 @@ import io
 import json
 import os
 import struct
+import time
+import warnings
 import zlib
 
 import numpy as np
@@ -205,3 +207,71 @@ def test_decompression_bombs_are_listed_and_skipped(tmp_path, monkeypatch, capsy
         with pytest.warns(UserWarning, match=f"skipping unreadable image .*{bomb.name}: decompression bomb"):
             x, y = ds[0]
         assert y == labels[0] and x.shape == (3, 16, 16)
+
+
+def tiny_jpegs(root, n, age_s=100):
+    """n random 8x8 JPEGs, dated age_s seconds back (scanned long ago)."""
+    rng, files = np.random.default_rng(), []
+    past = time.time() - age_s
+    for i in range(n):
+        path = str(root / f"{i:04d}.jpg")
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path, quality=90)
+        os.utime(path, (past, past))
+        files.append(path)
+    return files, rng
+
+
+# DALI's reader fills a shuffle buffer of 1,024 samples (initial_fill) when it starts: with 1,100 files,
+# about 70 are read only later, after the damage; every 10th file damaged hits several of them
+N_DAMAGE = 1100
+
+
+@needs_dali
+@pytest.mark.parametrize("damage", ["delete", "overwrite"])
+def test_dali_replaces_files_broken_after_the_scan(tmp_path, damage):
+    files, rng = tiny_jpegs(tmp_path, N_DAMAGE)
+    labels = list(range(N_DAMAGE))
+    loader = DaliLoader(files, labels, 8, 4, 0, 1, seed=5, device="cpu", num_threads=1)
+    batches = [next(loader)]
+    broken = set(range(int(rng.integers(0, 10)), N_DAMAGE, 10))
+    for i in broken:
+        if damage == "delete":
+            os.remove(files[i])
+        else:
+            with open(files[i], "wb") as f:
+                f.write(rng.integers(0, 256, int(rng.integers(0, 600)), dtype=np.uint8).tobytes())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches += [next(loader) for _ in range(N_DAMAGE // 4 + 10)]            # past the epoch's end
+    warned = {str(w.message).split(":")[0].removeprefix("skipping unreadable image ") for w in caught
+              if "skipping unreadable image" in str(w.message)}
+    assert warned == {files[i] for i in broken}                                 # once per file, named
+    assert len(caught) == len(broken)
+
+    # the same order as a run that had the next usable file in each broken one's place from the start
+    instead = {i: min([j for j in range(i + 1, N_DAMAGE) if j not in broken] or [0]) for i in broken}
+    ref = DaliLoader([files[instead.get(i, i)] for i in labels], [instead.get(i, i) for i in labels], 8, 4, 0, 1,
+                     seed=5, device="cpu", num_threads=1)
+    read_before = 0
+    for x, y in batches:
+        rx, ry = next(ref)
+        assert [instead.get(i, i) for i in y.tolist()] == ry.tolist()
+        if broken & set(y.tolist()):
+            read_before += 1                    # a broken file read (into the shuffle buffer) before the damage
+        else:
+            assert torch.equal(x, rx)
+    assert read_before < len(batches) // 2                 # most batches compared image by image
+
+
+@needs_dali
+def test_dali_failure_without_a_changed_file_says_so(tmp_path):
+    files, rng = tiny_jpegs(tmp_path, N_DAMAGE)
+    loader = DaliLoader(files, list(range(N_DAMAGE)), 8, 4, 0, 1, seed=5, device="cpu", num_threads=1)
+    next(loader)
+    st = os.stat(files[0])
+    for f in files[int(rng.integers(0, 10))::10]:                   # overwritten, mtime set back: invisible
+        open(f, "wb").write(b"garbage")
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(RuntimeError, match="no image changed since the scan is unreadable.*nvImageCodec"):
+        for _ in range(N_DAMAGE // 4):
+            next(loader)

@@ -4,6 +4,8 @@ labels, sharded by rank, with a position that checkpoints save and resume restor
     loader, n, num_classes = make_loader(data, image_size, batch_per_rank, rank, world_size, seed, device)
     x, y = next(loader);  state = loader.state_dict();  loader.load_state_dict(state)
 """
+import time
+
 import torch
 
 from .dali import HAVE_DALI, DaliLoader
@@ -82,13 +84,14 @@ def make_loader(data, image_size, batch_per_rank, rank, world_size, seed, device
         (x, y), _ = load_digits_split(image_size)
         batches = ShardedBatches(len(y), batch_per_rank, rank, world_size, seed)
         return Loader((x, y), batches, torch.device(device), flip=flip), len(y), 10
+    scanned_at = time.time()                      # files modified after this are suspects if DALI fails
     files, labels, classes, report = usable_images(data)
     log(f"data {data}: {report}")
     if loader == "dali" or (loader == "auto" and HAVE_DALI):
         if len(files) < batch_per_rank * world_size:
             raise ValueError(f"dataset of {len(files)} images is smaller than one global batch; lower train.batch_size")
         return DaliLoader(files, labels, image_size, batch_per_rank, rank, world_size, seed, device,
-                          num_threads=max(1, num_workers), flip=flip), len(files), len(classes)
+                          num_threads=max(1, num_workers), flip=flip, scanned_at=scanned_at), len(files), len(classes)
     batches = ShardedBatches(len(files), batch_per_rank, rank, world_size, seed)
     return Loader(FolderDataset(files, labels, image_size), batches, torch.device(device), num_workers, flip), \
         len(files), len(classes)
