@@ -10,25 +10,72 @@ uint8 [N, H, W, C], arr_1 int64 labels; N = 50,000 by default, labels cycling th
 does not depend on the batch size or the number of ranks. Under torchrun the ranks share the work;
 finished batches are kept in <out>.parts/ and an interrupted run resumes from there (same command)
 without repeating or losing a sample. Guidance (omega, interval), step count and EMA default to the
-checkpoint's config (the paper's recommended values for the official presets).
+checkpoint's config (the paper's recommended values for the official presets); values given on the
+command line are checked like any config (pmf_fast.config.validate). Bad input (a missing or
+unreadable --ckpt, an --out that cannot be written, a refused setting) stops with a one-line error
+before any sampling.
 """
 import argparse
 import json
 import os
 import shutil
+import sys
+import tempfile
 
 import numpy as np
 import torch
 
 from pmf_fast import dist
+from pmf_fast.atomic import atomic_write, clean_temporaries
+from pmf_fast.checkpoint import CheckpointError
+from pmf_fast.config import ConfigError, validate
 from pmf_fast.meanflow import to_uint8
 from pmf_fast.sampling import load_for_sampling, sample_images, save_grid
 
 
+class OutputError(OSError):
+    """--out cannot be written: the message names the path and the reason."""
+
+
 def save_npz_atomic(path, **arrays):
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def check_output(out):
+    """Refuse an --out that cannot be written, before any work: a wrong extension, a directory, or a
+    directory that cannot be created or written to."""
+    if not out.endswith((".png", ".npz")):
+        raise OutputError(f"--out {out!r} must end in .png (a grid) or .npz (ADM layout)")
+    if os.path.isdir(out):
+        raise OutputError(f"--out {out!r} is a directory; give a file name ending in .png or .npz")
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write --out {out!r}: {folder!r} is not a writable directory "
+                          f"({e.strerror or e})") from None
+
+
+def load_model(a, device):
+    """(model, cfg) from --ckpt with the sample settings given on the command line, validated."""
+    try:
+        model, cfg = load_for_sampling(a.ckpt, a.preset, a.ema, device)
+    except (CheckpointError, ConfigError):
+        raise
+    except (ValueError, KeyError, RuntimeError, AttributeError, TypeError) as e:
+        # not ours and no (or the wrong) preset, no such EMA, weights that do not fit their config
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot sample from {a.ckpt!r}: {why}") from None
+    for field, value in (("omega", a.omega), ("t_min", a.t_min), ("t_max", a.t_max), ("num_steps", a.steps)):
+        if value is not None:
+            setattr(cfg.sample, field, value)
+    validate(cfg)
+    return model, cfg
 
 
 def main(argv=None):
@@ -48,13 +95,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: this rank's GPU, else the CPU")
     a = p.parse_args(argv)
+    for name in ("num_samples", "classes", "per_row", "batch"):
+        if getattr(a, name) is not None and getattr(a, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    check_output(a.out)
 
     rank, world, _, device = dist.setup()
     device = torch.device(a.device) if a.device else device
-    model, cfg = load_for_sampling(a.ckpt, a.preset, a.ema, device)
-    for field, value in (("omega", a.omega), ("t_min", a.t_min), ("t_max", a.t_max), ("num_steps", a.steps)):
-        if value is not None:
-            setattr(cfg.sample, field, value)
+    model, cfg = load_model(a, device)
     k = a.classes or cfg.model.num_classes
     npz = a.out.endswith(".npz")
     n = a.num_samples or (50000 if npz else k * a.per_row)
@@ -63,8 +111,6 @@ def main(argv=None):
     settings = {"ckpt": os.path.abspath(a.ckpt), "n": n, "classes": k, "seed": a.seed, "batch": a.batch,
                 "ema": a.ema, "omega": cfg.sample.omega, "t_min": cfg.sample.t_min, "t_max": cfg.sample.t_max,
                 "num_steps": cfg.sample.num_steps}
-    if rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
 
     if not npz:                                                   # a grid: small, rank 0 alone
         if rank == 0:
@@ -78,6 +124,7 @@ def main(argv=None):
     parts = a.out + ".parts"
     if rank == 0:
         os.makedirs(parts, exist_ok=True)
+        clean_temporaries(parts)                                  # chunks half-written by a killed run
         meta = os.path.join(parts, "settings.json")
         if os.path.exists(meta):
             old = json.load(open(meta))
@@ -85,8 +132,7 @@ def main(argv=None):
                 raise SystemExit(f"{parts} holds an interrupted run with other settings ({old}); "
                                  "delete it or rerun with the same arguments to resume")
         else:
-            with open(meta, "w") as f:
-                json.dump(settings, f)
+            atomic_write(meta, lambda f: json.dump(settings, f), mode="w")
     dist.barrier()
     chunks = list(range(rank, (n + a.batch - 1) // a.batch, world))
     todo = [c for c in chunks if not os.path.exists(os.path.join(parts, f"chunk_{c:07d}.npz"))]
@@ -112,5 +158,15 @@ def main(argv=None):
     dist.cleanup()
 
 
+def cli(argv=None):
+    """main() with bad input reported in one line and exit status 1, as train.py's __main__."""
+    try:
+        main(argv)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    except (CheckpointError, OSError) as e:         # bad --ckpt, unwritable --out, full disk: what and where
+        sys.exit(f"error: {e}")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -74,6 +74,8 @@ def check_image(path):
                 return f"unsupported format {fmt}", None
             im.verify()                                           # structure, checksums (PNG)
         load_rgb(path)                                            # full decode: catches truncation
+    except FileNotFoundError:
+        return "file not found (deleted after the listing?)", None
     except Image.UnidentifiedImageError:
         return "not an image", None
     except DecompressionBomb as e:
