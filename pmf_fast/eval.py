@@ -8,7 +8,8 @@ a folder of images (statistics computed here, ADM center crop). Features come fr
 Inception-v3 (the 2015-12-05 TensorFlow graph) as ported to PyTorch by torch-fidelity, and the
 metrics are torch-fidelity's (FID from mu/sigma, IS over 10 splits of the unbiased logits,
 precision/recall with 3 nearest neighbours). Numbers are close to, not bit-identical with, the
-TensorFlow ADM evaluator; every result names its extractor.
+TensorFlow ADM evaluator; every result names its extractor. This module scores images; the FID of
+a model during training (which generates images) is sampling.fid_of_model.
 
 Weight and reference files (nothing downloads):
   weights-inception-2015-12-05-6726825d.pth  -> $TORCH_HOME/hub/checkpoints/ or PMF_INCEPTION_WEIGHTS
@@ -73,6 +74,8 @@ def extract(extractor, images_nhwc, batch=200, progress=False):
 
 
 def stats(features):
+    """FID statistics of features [N, D]: {"mu": mean [D], "sigma": covariance [D, D]}, the layout
+    of the ADM reference batches and torch-fidelity."""
     return {"mu": features.mean(0), "sigma": np.cov(features, rowvar=False)}
 
 
@@ -146,26 +149,6 @@ def evaluate(samples, ref, extractor, batch=200, progress=False):
     out["extractor"] = getattr(extractor, "name", type(extractor).__name__)
     out["reference"] = os.path.basename(ref.rstrip("/"))
     return out
-
-
-def fid_of_model(model, cfg, num, extractor, ref_stats, device, rank=0, world=1, batch=100):
-    """FID of `num` one-step samples (balanced labels, seeds 0..num-1) against reference statistics;
-    each rank draws every world-th batch, rank 0 gets the number (others None)."""
-    from . import dist
-    from .meanflow import to_uint8
-    from .sampling import sample_images
-    labels = torch.arange(num) % cfg.model.num_classes
-    feats = []
-    for start in range(rank * batch, num, world * batch):
-        idx = torch.arange(start, min(num, start + batch))
-        images = sample_images(model, cfg, labels[idx].to(device), idx)
-        feats.append(extract(extractor, to_uint8(images).cpu().numpy(), batch)[0])
-    feats = np.concatenate(feats) if feats else np.zeros((0, 0))
-    if dist.is_dist():
-        everyone = [None] * world
-        torch.distributed.all_gather_object(everyone, feats)
-        feats = np.concatenate([f for f in everyone if len(f)])
-    return fid(stats(feats), ref_stats) if rank == 0 else None
 
 
 def main(argv=None):

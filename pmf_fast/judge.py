@@ -17,7 +17,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return fid({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2})
 
 
-def stats(f):
+def mean_and_cov(f):
+    """(mean [D], covariance [D, D]) of features [N, D]."""
     return f.mean(0), np.cov(f, rowvar=False)
 
 
@@ -47,12 +48,12 @@ class DigitsJudge:
         """samples: [N, 1, S, S] in [-1, 1] made for `labels`; returns the metrics dict."""
         labels = np.asarray(labels)
         f_gen, f_train, f_test = self.features(samples), self.features(self.x_train), self.features(self.x_test)
-        mu_tr, s_tr = stats(f_train)
+        mu_tr, s_tr = mean_and_cov(f_train)
         return {
             "judge_test_accuracy": self.test_accuracy,
             "recognised": float((self.clf.predict(self._flat(samples)) == labels).mean()),
-            "frechet": frechet_distance(*stats(f_gen), mu_tr, s_tr),
-            "frechet_real_baseline": frechet_distance(*stats(f_test), mu_tr, s_tr),
+            "frechet": frechet_distance(*mean_and_cov(f_gen), mu_tr, s_tr),
+            "frechet_real_baseline": frechet_distance(*mean_and_cov(f_test), mu_tr, s_tr),
             "spread": spread(f_gen, labels),
             "spread_real": spread(f_test, self.y_test),
             "num_samples": int(len(labels)),

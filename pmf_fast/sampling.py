@@ -1,12 +1,18 @@
-"""Sampling helpers shared by train.py and sample.py: EMA choice, class grids, PNG output,
-loading our checkpoints and official ones, and the digits judge."""
+"""Everything that generates images from a model, shared by train.py and sample.py: EMA choice,
+class grids, PNG output, loading our checkpoints and official ones, the periodic FID of a model and
+the digits judge. The metrics themselves (eval.py, judge.py) take images, never models, so the
+imports run one way: sampling -> eval, judge; nothing imports sampling back."""
+import math
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
+from . import dist
+from .atomic import atomic_write
 from .checkpoint import load_checkpoint
 from .config import Config, get_config
+from .eval import extract, fid, stats
 from .meanflow import generate, to_uint8
 from .model import PMFDiT, load_official_state_dict
 
@@ -47,16 +53,65 @@ def sample_images(model, cfg: Config, y, seeds):
     return generate(model, sample_noise(seeds, cfg).to(y.device), y, s.omega, s.t_min, s.t_max, s.num_steps)
 
 
-def save_grid(images, path, nrow):
-    """[N, C, H, W] in [-1, 1] -> one PNG, nrow images per row."""
+GRID_MIN_WIDTH = 512       # px: small images are enlarged by an integer factor to at least this width
+GRID_GAP = 2               # px of grey between cells
+
+
+def row_labels(y, nrow):
+    """One label per grid row: the class index of the row's first image, as text (digits' class
+    names are their indices, "0".."9"; ImageNet's are shown as indices)."""
+    y = torch.as_tensor(y).flatten()
+    return [str(int(y[i])) for i in range(0, len(y), nrow)]
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)           # scalable (Pillow >= 10.1 with FreeType)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()                    # the fixed bitmap font
+
+
+def save_grid(images, path, nrow, labels=None, scale=None, min_width=GRID_MIN_WIDTH):
+    """[N, C, H, W] in [-1, 1] -> one PNG with nrow images per row (train.py and sample.py put one
+    class per row), written atomically. Each image is enlarged by an integer factor `scale` with
+    nearest neighbour (default: the smallest that makes the rows at least min_width px wide, so a
+    16 px digit becomes 64 px in rows of 10), cells are GRID_GAP px apart, and labels[r] (one string
+    per row, see row_labels) is written left of row r. Returns the geometry: scale, left (x of the
+    first column), pitch (cell size + gap), cell (h, w)."""
     arr = to_uint8(images).cpu().numpy()                     # [N, H, W, C]
     n, h, w, c = arr.shape
     rows = (n + nrow - 1) // nrow
-    canvas = np.zeros((rows * h, nrow * w, c), dtype=np.uint8)
+    if scale is None:
+        scale = max(1, math.ceil(min_width / (nrow * w)))
+    ch, cw = h * scale, w * scale
+    gap = GRID_GAP
+    font = _font(max(10, min(ch // 2, 48)))
+    pad = max(4, ch // 8)
+    if labels is not None:
+        labels = [str(s) for s in labels]
+        if len(labels) != rows:
+            raise ValueError(f"save_grid: {len(labels)} labels for {rows} rows (one label per row)")
+        probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+        left = 2 * pad + max(probe.textbbox((0, 0), s, font=font)[2] for s in labels)
+    else:
+        left = 0
+    height, width = rows * ch + (rows - 1) * gap, left + nrow * cw + (nrow - 1) * gap
+    canvas = np.full((height, width, c), 96, dtype=np.uint8)  # grey gaps
+    canvas[:, :left] = 0                                     # black label column
+    up = arr.repeat(scale, axis=1).repeat(scale, axis=2)     # nearest neighbour
     for i in range(n):
         r, col = divmod(i, nrow)
-        canvas[r * h:(r + 1) * h, col * w:(col + 1) * w] = arr[i]
-    Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path)
+        y0, x0 = r * (ch + gap), left + col * (cw + gap)
+        canvas[y0:y0 + ch, x0:x0 + cw] = up[i]
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    if labels is not None:
+        draw = ImageDraw.Draw(img)
+        white = 255 if c == 1 else (255, 255, 255)
+        for r, text in enumerate(labels):
+            x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+            draw.text((pad - x0, r * (ch + gap) + (ch - (y1 - y0)) // 2 - y0), text, fill=white, font=font)
+    atomic_write(str(path), lambda f: img.save(f, format="PNG"))
+    return {"scale": scale, "left": left, "pitch": (ch + gap, cw + gap), "cell": (ch, cw)}
 
 
 def load_for_sampling(path, preset=None, ema="auto", device="cpu"):
@@ -82,6 +137,24 @@ def load_for_sampling(path, preset=None, ema="auto", device="cpu"):
                    t_eps=cfg.objective.t_eps)
     load_official_state_dict(model, state, source=path)
     return model.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def fid_of_model(model, cfg, num, extractor, ref_stats, device, rank=0, world=1, batch=100):
+    """FID of `num` one-step samples (balanced labels, seeds 0..num-1) against reference statistics;
+    each rank draws every world-th batch, rank 0 gets the number (others None)."""
+    labels = torch.arange(num) % cfg.model.num_classes
+    feats = []
+    for start in range(rank * batch, num, world * batch):
+        idx = torch.arange(start, min(num, start + batch))
+        images = sample_images(model, cfg, labels[idx].to(device), idx)
+        feats.append(extract(extractor, to_uint8(images).cpu().numpy(), batch)[0])
+    feats = np.concatenate(feats) if feats else np.zeros((0, 0))
+    if dist.is_dist():
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, feats)
+        feats = np.concatenate([f for f in everyone if len(f)])
+    return fid(stats(feats), ref_stats) if rank == 0 else None
 
 
 def judge_digits(model, cfg, device, seed=1):

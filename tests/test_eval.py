@@ -161,14 +161,14 @@ def test_official_layout_generates_identically(ckpt, tmp_path):
 
 
 def test_fid_of_model_and_the_training_notice(ckpt, tmp_path, monkeypatch, capsys):
-    from pmf_fast.sampling import load_for_sampling
+    from pmf_fast.sampling import fid_of_model, load_for_sampling
     model, cfg = load_for_sampling(ckpt, ema="raw")
     ex = RandomExtractor()
     rng = np.random.default_rng(0)
     ref = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     ref_stats = E.stats(E.extract(ex, ref)[0])
-    value = E.fid_of_model(model, cfg, 30, ex, ref_stats, "cpu", batch=8)
-    assert value > 0 and np.isclose(value, E.fid_of_model(model, cfg, 30, ex, ref_stats, "cpu", batch=7))
+    value = fid_of_model(model, cfg, 30, ex, ref_stats, "cpu", batch=8)
+    assert value > 0 and np.isclose(value, fid_of_model(model, cfg, 30, ex, ref_stats, "cpu", batch=7))
     # without the Inception weights, training goes on and says why there is no FID
     import train
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
