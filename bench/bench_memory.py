@@ -34,7 +34,7 @@ def saved_bytes_per_image(preset, impl, batch=1, device="cpu", autocast_dtype=No
     cfg = get_config(preset)
     m = cfg.model
     torch.manual_seed(0)
-    model = PMFDiT(m).to(device).set_fast(impl == "fast")
+    model = PMFDiT(m).to(device).set_impl("fast" if impl == "fast" else "eager")
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     param_shapes = {tuple(p.shape) for p in model.parameters()}
     x = torch.rand(batch, m.in_channels, m.image_size, m.image_size, device=device) * 2 - 1
@@ -57,11 +57,10 @@ def saved_bytes_per_image(preset, impl, batch=1, device="cpu", autocast_dtype=No
                 seen[id(t)] = u.numel() * u.element_size()
         return t
 
-    jvp = "reference" if impl == "reference" else "explicit"
     amp = torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     with eager_fallbacks() if device == "cpu" else contextlib.nullcontext(), amp, \
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = pmf_loss(model, x, y, d, cfg.objective, m.num_classes, None, jvp)
+        loss, _ = pmf_loss(model, x, y, d, cfg.objective, m.num_classes, None, "reference" if impl == "reference" else "fast")
     del loss
     return sum(seen.values()) / batch
 

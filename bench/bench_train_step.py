@@ -40,9 +40,9 @@ def step_ms(preset, impl, batch, steps=10, warmup=3):
     cfg = get_config(preset, ["objective.lpips_weight=0", "objective.convnext_weight=0"])
     m, dev = cfg.model, device()
     torch.manual_seed(0)
-    model = PMFDiT(m).to(dev).set_fast(impl == "fast")
-    opts = build_optimizers(model, cfg.optim, fast=impl == "fast")
-    jvp = "explicit" if impl == "fast" else "reference"
+    model = PMFDiT(m).to(dev).set_impl("fast" if impl == "fast" else "eager")
+    opts = build_optimizers(model, cfg.optim)
+    jvp = "fast" if impl == "fast" else "reference"
     loss_fn = pmf_loss if (impl == "reference" or SMOKE) else torch.compile(pmf_loss)
     x = torch.rand(batch, m.in_channels, m.image_size, m.image_size, device=dev) * 2 - 1
     y = torch.randint(0, m.num_classes, (batch,), device=dev)

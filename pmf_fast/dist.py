@@ -1,8 +1,9 @@
-"""Distributed helpers for torchrun (env://): NCCL on GPU, gloo on CPU.
+"""torchrun setup and parallelism from PyTorch's own machinery, applied block by block from outside
+the model (as torchtitan's parallelize does): activation checkpointing, torch.compile per block,
+then DDP or FSDP2. NCCL on GPU, gloo on CPU.
 
-The model is not wrapped in DDP: the training step calls model.jvp (or torch.func.jvp), which
-DDP's forward hooks do not see. Instead parameters are broadcast once from rank 0 and gradients
-are averaged with bucketed all-reduces after backward, which works with every JVP path.
+Every block takes the tangent through its module call (pmf_fast/layers.py), so the hooks these
+wrappers hang on `__call__` see every use of every parameter, on the JVP pass as on the primal one.
 """
 import os
 
@@ -32,32 +33,77 @@ def is_dist():
     return dist.is_available() and dist.is_initialized()
 
 
-def broadcast_params(model):
-    if is_dist():
-        for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data, 0)
+def world_size():
+    return dist.get_world_size() if is_dist() else 1
 
 
-@torch.no_grad()
-def average_grads(params, bucket_numel=1 << 25):
-    """All-reduce gradients in flat buckets of up to bucket_numel elements, then divide by world."""
-    if not is_dist():
-        return
+# ----------------------------------------------------------------------------- parallelism
+def apply_checkpointing(model):
+    """Recompute each transformer block in backward instead of keeping its activations. The
+    composable form (hooks, no wrapper module) keeps every parameter name, so checkpoints and
+    state dicts are the same with and without it."""
+    from torch.distributed._composable import checkpoint
+    for block in model.blocks():
+        checkpoint(block)
+
+
+def compile_blocks(model):
+    """Regional compilation: torch.compile each transformer block in place. All blocks share one
+    code object, so Dynamo compiles one graph per mode (primal without grad, primal, tangent) and
+    reuses it for every block of every depth (tests/test_compile.py counts them)."""
+    for block in model.blocks():
+        block.compile(fullgraph=True)
+
+
+def apply_fsdp(model, device, shard_size=0):
+    """FSDP2: fully_shard each block, then the root (embedders, tokens, final layers). shard_size 0
+    shards over all ranks; a divisor of the world size gives HSDP on a 2-D mesh (replicate across
+    groups of shard_size ranks, shard within them), as the official code's HSDP branch.
+    Parameters stay fp32 (compute is bf16 under autocast either way) and gradients are reduced in
+    fp32, so Muon sees the same fp32 gradient as on one rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     world = dist.get_world_size()
-    grads = [p.grad for p in params if p.grad is not None]
-    bucket, size = [], 0
-    for g in grads + [None]:
-        if g is not None and (not bucket or (size + g.numel() <= bucket_numel and g.dtype == bucket[0].dtype)):
-            bucket.append(g)
-            size += g.numel()
-            continue
-        if bucket:
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat)
-            flat /= world
-            for b, f in zip(bucket, flat.split([b.numel() for b in bucket])):
-                b.copy_(f.view_as(b))
-        bucket, size = ([g], g.numel()) if g is not None else ([], 0)
+    if shard_size in (0, world):
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    else:
+        if world % shard_size:
+            raise ValueError(f"train.shard_size={shard_size} does not divide the {world} ranks")
+        mesh = init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+    mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    for block in model.blocks():
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def parallelize(model, impl, parallel="ddp", checkpointing="none", shard_size=0, device=None):
+    """The module the training step calls: `model` itself (one rank, or FSDP2 in place) or its DDP
+    wrapper. Order as torchtitan: checkpointing, then compile, then data parallelism."""
+    if checkpointing == "blocks":
+        apply_checkpointing(model)
+    if impl == "fast":
+        compile_blocks(model)
+    if world_size() == 1:
+        return model
+    if parallel == "fsdp":
+        return apply_fsdp(model, device, shard_size)
+    # DDP broadcasts rank 0's parameters at construction; the RoPE tables are constants, so no
+    # buffer broadcast on every forward
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+# ----------------------------------------------------------------------------- agreement
+def agree_max(values, device):
+    """The maximum over ranks of each value (floats or 0-d tensors on `device`), in one
+    all-reduce: every decision to stop, skip or save is taken from these, never from one rank's
+    clock or state. A host sync: call it every few steps, not every step."""
+    t = torch.stack([v.float().reshape(()) if torch.is_tensor(v) else torch.tensor(float(v), device=device)
+                     for v in values]).to(device)
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
 def all_reduce_mean(t):
@@ -66,6 +112,15 @@ def all_reduce_mean(t):
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] (just [obj] on one process)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier():

@@ -4,10 +4,14 @@ forward: the primal with autograd; the reference path runs torch.func.jvp over i
 jvp:     the same primal with autograd, plus the tangent computed by hand from the primal's
          intermediates without autograd (it enters the loss under stop-gradient, so keeping its
          activations for a backward would be waste).
-fast:    a class-level switch (model.set_fast(True)) that routes jvp() and the primal-only attention
-         to the Triton kernels (kernels/): Linear runs [x; x_dot] through one GEMM and saves only x,
-         attention returns (o, o_dot) in one pass, the patch embedding takes both images in one
-         launch. Same parameters and state dict either way.
+The transformer block (what DDP, FSDP2, activation checkpointing and torch.compile wrap) takes the
+tangent through its module call instead: `block(x, rope, x_dot)` returns (y, y_dot), so every hook
+on `__call__` sees every use of every parameter.
+impl:    "eager" (plain PyTorch) or "fast" (model.set_impl("fast")): routes the tangent path and the
+         primal-only attention to the Triton kernels (kernels/): Linear runs [x; x_dot] through one
+         GEMM and saves only x, attention returns (o, o_dot) in one pass, the patch embedding takes
+         both images in one launch. Same parameters and state dict either way. ("reference" runs
+         these modules as "eager": it differs only in how the loss takes the JVP, meanflow.py.)
 Parameter names and shapes follow the official PyTorch model (Lyy-iiis/pMF, branch torch,
 models/torch_models.py, models/embedder.py) without its `_flax_linear` / `_flax_embedding` levels.
 """
@@ -62,7 +66,7 @@ def silu_grad(a):
 
 class Linear(nn.Linear):
     """nn.Linear with the official initialisations: N(0, (c / sqrt(fan_in))^2) or zeros; zero bias."""
-    fast = False
+    impl = "eager"
 
     def __init__(self, in_features, out_features, bias=True, init_constant=1.0, zero_init=False):
         super().__init__(in_features, out_features, bias=bias)
@@ -74,7 +78,7 @@ class Linear(nn.Linear):
             nn.init.zeros_(self.bias)
 
     def jvp(self, x, x_dot):
-        if self.fast:
+        if self.impl == "fast":
             return LinearJVP.apply(x, x_dot, self.weight, self.bias)
         with torch.no_grad():
             y_dot = F.linear(x_dot, self.weight)          # linear: no bias on the tangent
@@ -130,7 +134,7 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     """Multi-head self-attention: bias-free q/k/v/o, per-head q/k RMSNorm, 2-D RoPE on image
     tokens, softmax in fp32 (official RoPEAttention)."""
-    fast = False
+    impl = "eager"
 
     def __init__(self, dim, num_heads, init_constant):
         super().__init__()
@@ -147,7 +151,7 @@ class Attention(nn.Module):
         q = apply_rope(self.q_norm(self._split(self.q_proj(x))).transpose(1, 2), *rope)   # [B, H, N, hd]
         k = apply_rope(self.k_norm(self._split(self.k_proj(x))).transpose(1, 2), *rope)
         v = self._split(self.v_proj(x)).transpose(1, 2)
-        o = attention(q, k, v.to(q.dtype)) if self.fast else attention_ref(q, k, v)
+        o = attention(q, k, v.to(q.dtype)) if self.impl == "fast" else attention_ref(q, k, v)
         return self.out_proj(o.transpose(1, 2).flatten(2))
 
     def _qk_jvp(self, proj, norm, x, x_dot, rope):
@@ -162,7 +166,7 @@ class Attention(nn.Module):
         k, k_dot = self._qk_jvp(self.k_proj, self.k_norm, x, x_dot, rope)
         v, v_dot = self.v_proj.jvp(x, x_dot)
         v, v_dot = self._split(v).transpose(1, 2), self._split(v_dot).transpose(1, 2)
-        if self.fast:                                      # one kernel pass; tangents in the primal dtype
+        if self.impl == "fast":                            # one kernel pass; tangents in the primal dtype
             v = v.to(q.dtype)
             o, o_dot = attention_jvp(q, k, v, q_dot.to(q.dtype), k_dot.to(q.dtype), v_dot.to(q.dtype))
         else:
@@ -207,11 +211,14 @@ class TransformerBlock(nn.Module):
         self.attn_scale = nn.Parameter(torch.zeros(dim))
         self.mlp_scale = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x, rope):
+    def forward(self, x, rope, x_dot=None):
+        """x [B, N, D] -> y; with the tangent x_dot, (y, y_dot)."""
+        if x_dot is not None:
+            return self._jvp(x, x_dot, rope)
         x = x + self.attn(self.norm1(x), rope) * self.attn_scale
         return x + self.mlp(self.norm2(x)) * self.mlp_scale
 
-    def jvp(self, x, x_dot, rope):
+    def _jvp(self, x, x_dot, rope):
         a, a_dot = self.attn.jvp(*self.norm1.jvp(x, x_dot), rope)
         x = x + a * self.attn_scale
         x_dot = x_dot + a_dot * self.attn_scale.detach()
@@ -281,7 +288,7 @@ class LabelEmbedder(nn.Module):
 class BottleneckPatchEmbedder(nn.Module):
     """p x p conv (C -> r, bias) then 1 x 1 conv (r -> D, bias), xavier-uniform on the flattened
     weights (JiT's bottleneck; official embedder.py). [B, C, H, W] -> [B, T, D]."""
-    fast = False
+    impl = "eager"
 
     def __init__(self, image_size, patch_size, in_channels, bottleneck, dim):
         super().__init__()
@@ -299,7 +306,7 @@ class BottleneckPatchEmbedder(nn.Module):
         return self.proj2(self.proj1(x)).flatten(2).transpose(1, 2)
 
     def jvp(self, x, x_dot):
-        if self.fast:             # image and tangent image in one fused launch
+        if self.impl == "fast":   # image and tangent image in one fused launch
             dt = compute_dtype(x)
             return patch_embed_jvp(x.to(dt), x_dot.to(dt), self.proj1.weight, self.proj1.bias,
                                    self.proj2.weight, self.proj2.bias)

@@ -77,14 +77,21 @@ class Draws:
     crop_seed: int           # seeds the perceptual loss's paired random crop
 
 
-def sample_draws(x, cfg: ObjectiveConfig, gen) -> Draws:
+def sample_draws(x, cfg: ObjectiveConfig, gen, cpu_gen=None) -> Draws:
+    """All draws from `gen` (on x's device), but the crop seed, a Python int, from `cpu_gen` (a CPU
+    generator; `gen` itself when that is on the CPU): drawing it on the GPU would sync every step."""
     n, device = x.shape[0], x.device
+    if cpu_gen is None:
+        if gen.device.type != "cpu":
+            raise ValueError("sample_draws: pass cpu_gen (a CPU generator) for the crop seed when gen is on "
+                             f"{gen.device}; reading a GPU draw back would sync every step")
+        cpu_gen = gen
     t, r, fm_mask = sample_t_r(n, cfg, gen, device)
     e = torch.randn(x.shape, generator=gen, device=device) * cfg.noise_scale
     t_min, t_max = sample_interval(fm_mask, gen)
     omega = sample_omega(n, cfg.cfg_max, cfg.cfg_beta, gen, device)
     drop = sample_label_drop(n, cfg, gen, device)
-    crop_seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=device).item())
+    crop_seed = int(torch.randint(0, 2**62, (1,), generator=cpu_gen))
     return Draws(t, r, fm_mask, e, omega, t_min, t_max, drop, crop_seed)
 
 
@@ -129,18 +136,20 @@ def jvp_reference(model, z, v_c, t, r, omega, t_min, t_max, y):
 
 
 def jvp_explicit(model, z, v_c, t, r, omega, t_min, t_max, y):
-    """model.jvp: the same quantities with the tangent carried by hand (no forward-mode AD)."""
+    """The same quantities with the tangent carried by hand through model.forward (no forward-mode AD)."""
     ones = torch.ones_like(t)
-    (u, v), du_dt = model.jvp(z, v_c, t, ones, t - r, ones, omega, t_min, t_max, y)
+    (u, v), du_dt = model(z, t, t - r, omega, t_min, t_max, y, x_dot=v_c, t_dot=ones, h_dot=ones)
     return u, du_dt, v
 
 
-JVP = {"reference": jvp_reference, "explicit": jvp_explicit}
+# how each training step takes the JVP (train.impl; README "Which --impl")
+JVP = {"reference": jvp_reference, "eager": jvp_explicit, "fast": jvp_explicit}
 
 
-def pmf_loss(model, x, y, d: Draws, cfg: ObjectiveConfig, num_classes: int, perceptual=None, jvp="explicit"):
-    """Algorithm 2 as the official code does it. jvp: "explicit" (model.jvp) or "reference"
-    (torch.func.jvp over model.forward). Returns (scalar loss, dict of logged terms)."""
+def pmf_loss(model, x, y, d: Draws, cfg: ObjectiveConfig, num_classes: int, perceptual=None, impl="eager"):
+    """Algorithm 2 as the official code does it. impl: "reference" (torch.func.jvp over the primal
+    forward) or "eager" / "fast" (explicit tangents through forward; which kernels run is the
+    model's set_impl). Returns (scalar loss, dict of logged terms)."""
     t, r = d.t, d.r
     z = (1 - _b(t)) * x + _b(t) * d.e
     v_t = (z - x) / _b(t.clamp(min=cfg.t_eps))
@@ -151,7 +160,7 @@ def pmf_loss(model, x, y, d: Draws, cfg: ObjectiveConfig, num_classes: int, perc
     y_in = torch.where(d.drop, torch.full_like(y, num_classes), y)
     v_g = torch.where(_b(d.drop), v_t, v_g)
 
-    u, du_dt, v = JVP[jvp](model, z, v_c, t, r, d.omega, d.t_min, d.t_max, y_in)
+    u, du_dt, v = JVP[impl](model, z, v_c, t, r, d.omega, d.t_min, d.t_max, y_in)
     V = u + _b(t - r) * du_dt.detach()               # compound function, stop-gradient on du/dt
 
     adp = lambda l: adaptive_weight(l, cfg.norm_p, cfg.norm_eps)

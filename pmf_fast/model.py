@@ -4,8 +4,9 @@ same parameter names and shapes minus the `_flax_linear` / `_flax_embedding` wra
 official checkpoints load through `load_official_state_dict`.
 
 forward(x, t, h, omega, t_min, t_max, y) -> (u, v): the network sees h = t - r, never t itself;
-t only enters through u = (z - x_hat) / max(t, t_eps). jvp() adds the tangent of u along
-(x_dot, t_dot, h_dot) with every other input held fixed (the MeanFlow total derivative along (v, 0, 1)).
+t only enters through u = (z - x_hat) / max(t, t_eps). Given the tangents x_dot, t_dot, h_dot,
+forward also returns the tangent of u along them with every other input held fixed (the MeanFlow
+total derivative along (v, 0, 1)).
 """
 import re
 
@@ -55,13 +56,23 @@ class PMFDiT(nn.Module):
             self.v_final_layer = FinalLayer(D, p, C)
 
     # ------------------------------------------------------------------ helpers
-    def set_fast(self, fast: bool = True):
-        """Route jvp() and the primal-only attention through the Triton kernels (kernels/), or back
-        to plain PyTorch. Parameters and state dict are the same either way."""
+    IMPLS = ("fast", "eager", "reference")
+
+    def set_impl(self, impl: str):
+        """"fast": the tangent path and the primal-only attention on the Triton kernels (kernels/);
+        "eager" and "reference": plain PyTorch (they differ only in how the loss takes the JVP,
+        meanflow.py). Parameters and state dict are the same either way."""
+        if impl not in self.IMPLS:
+            raise ValueError(f"impl {impl!r}: use one of {', '.join(self.IMPLS)}")
         for m in self.modules():
-            if hasattr(type(m), "fast"):
-                m.fast = fast
+            if hasattr(type(m), "impl"):
+                m.impl = "fast" if impl == "fast" else "eager"
         return self
+
+    def blocks(self):
+        """Every transformer block: what DDP/FSDP2, checkpointing and compilation wrap one by one."""
+        heads = [self.u_heads] + ([self.v_heads] if self.aux_head else [])
+        return [b for group in [self.shared_blocks, *heads] for b in group]
 
     @property
     def rope(self):
@@ -96,19 +107,24 @@ class PMFDiT(nn.Module):
         return (x - x_hat) / t.clamp(min=self.t_eps).view(-1, 1, 1, 1)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x, t, h, omega, t_min, t_max, y, heads="uv"):
+    def forward(self, x, t, h, omega, t_min, t_max, y, heads="uv", x_dot=None, t_dot=None, h_dot=None):
         """x: [B, C, H, W] noisy image z_t; t, h, omega, t_min, t_max: [B] floats; y: [B] labels.
         Returns (u, v), the average velocity of the u-head and the instantaneous velocity of the
-        aux v-head; a head not named in `heads` gives None."""
+        aux v-head; a head not named in `heads` gives None.
+
+        With the tangents (x_dot, t_dot, h_dot) it returns ((u, v), u_dot): u_dot is the tangent of u
+        along them with every other input held fixed (the MeanFlow total derivative along (v, 0, 1)),
+        computed without autograd; the v-head stays primal (the loss needs no tangent of it). The
+        tangent rides through every block's module call, so hooks on __call__ see it."""
         if "v" in heads and not self.aux_head:
             raise ValueError("this model was built without the aux v-head (eval checkpoint)")
-        seq = torch.cat(self._prefix(self.h_embedder(h), omega, t_min, t_max, y) + [self.x_embedder(x)], 1)
-        x_hat = self._heads_forward(seq + self.pos_embed, heads)
-        return tuple(self._to_velocity(x, x_hat[k], t) if k in x_hat else None for k in "uv")
+        if x_dot is None:
+            seq = torch.cat(self._prefix(self.h_embedder(h), omega, t_min, t_max, y) + [self.x_embedder(x)], 1)
+            x_hat = self._heads_forward(seq + self.pos_embed, heads)
+            return tuple(self._to_velocity(x, x_hat[k], t) if k in x_hat else None for k in "uv")
+        return self._forward_with_tangent(x, x_dot, t, t_dot, h, h_dot, omega, t_min, t_max, y, heads)
 
-    def jvp(self, x, x_dot, t, t_dot, h, h_dot, omega, t_min, t_max, y):
-        """(u, v) as forward(), and u_dot, the tangent of u along (x_dot, t_dot, h_dot), computed
-        without autograd. The v-head output is primal only (the loss needs no tangent of it)."""
+    def _forward_with_tangent(self, x, x_dot, t, t_dot, h, h_dot, omega, t_min, t_max, y, heads):
         h_embed, h_embed_dot = self.h_embedder.jvp(h, h_dot)
         x_embed, x_embed_dot = self.x_embedder.jvp(x, x_dot)
         prefix = self._prefix(h_embed, omega, t_min, t_max, y)
@@ -119,10 +135,10 @@ class PMFDiT(nn.Module):
                                  h_embed_dot[:, None].expand(-1, self.cfg.num_time_tokens, -1).to(x_embed_dot.dtype),
                                  x_embed_dot], 1)
         for block in self.shared_blocks:
-            seq, seq_dot = block.jvp(seq, seq_dot, self.rope)
+            seq, seq_dot = block(seq, self.rope, seq_dot)
         u_seq, u_dot = seq, seq_dot
         for block in self.u_heads:
-            u_seq, u_dot = block.jvp(u_seq, u_dot, self.rope)
+            u_seq, u_dot = block(u_seq, self.rope, u_dot)
         x_hat, x_hat_dot = self.u_final_layer.jvp(u_seq[:, self.prefix_tokens:], u_dot[:, self.prefix_tokens:])
         x_hat, x_hat_dot = self.unpatchify(x_hat), self.unpatchify(x_hat_dot)
         u = self._to_velocity(x, x_hat, t)
@@ -131,7 +147,7 @@ class PMFDiT(nn.Module):
             tc_dot = (t_dot * (t > self.t_eps)).view(-1, 1, 1, 1)     # the clamp's derivative is 0 below t_eps
             u_dot = (x_dot - x_hat_dot) / tc - u.detach() * tc_dot / tc
         v = None
-        if self.aux_head:
+        if "v" in heads:
             v_seq = seq
             for block in self.v_heads:
                 v_seq = block(v_seq, self.rope)

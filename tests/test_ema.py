@@ -23,7 +23,7 @@ def test_emas_track_and_restore():
     state = emas.state_dict()
     other = EMAs(model, (1, 4), batch_size=100)
     other.load_state_dict(state)
-    assert torch.equal(other.params["ema_4"][0], emas.params["ema_4"][0])
+    assert torch.equal(other.params["ema_4"]["weight"], emas.params["ema_4"]["weight"])
 
 
 def test_sampling_ema_choice():

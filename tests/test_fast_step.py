@@ -32,21 +32,21 @@ def as64(d):
     return d
 
 
-def step(model, x, y, d, cfg, jvp, fn=pmf_loss):
+def step(model, x, y, d, cfg, impl, fn=pmf_loss):
     model.zero_grad()
-    loss, logs = fn(model, x, y, d, cfg.objective, cfg.model.num_classes, None, jvp)
+    loss, logs = fn(model, x, y, d, cfg.objective, cfg.model.num_classes, None, impl)
     loss.backward()
     return logs, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def test_fast_matches_reference_u_and_tangent():
     cfg, model, x, y, d = setup()
-    fast = copy.deepcopy(model).set_fast(True)
+    fast = copy.deepcopy(model).set_impl("fast")
     z, v_c = (1 - d.t.view(-1, 1, 1, 1)) * x + d.t.view(-1, 1, 1, 1) * d.e, torch.randn_like(x)
     args = (v_c, d.t, d.r, d.omega, d.t_min, d.t_max, y)
     u64, du64, v64 = JVP["reference"](copy.deepcopy(model).double(), z.double(), *[a.double() if a.is_floating_point() else a for a in args])
     u32, du32, v32 = JVP["reference"](model, z, *args)
-    uf, duf, vf = JVP["explicit"](fast, z, *args)
+    uf, duf, vf = JVP["fast"](fast, z, *args)
     assert_close_by_rule(uf, u64, u32, "u")
     assert_close_by_rule(duf, du64, du32, "du/dt")
     assert_close_by_rule(vf, v64, v32, "v (aux head)")
@@ -57,7 +57,7 @@ def test_fast_matches_reference_loss_and_every_gradient():
     cfg, model, x, y, d = setup()
     logs64, g64 = step(copy.deepcopy(model).double(), x.double(), y, as64(d), cfg, "reference")
     logs32, g32 = step(model, x, y, d, cfg, "reference")
-    logsf, gf = step(copy.deepcopy(model).set_fast(True), x, y, d, cfg, "explicit")
+    logsf, gf = step(copy.deepcopy(model).set_impl("fast"), x, y, d, cfg, "fast")
     for k in logs64:
         assert_close_by_rule(logsf[k], logs64[k], logs32[k], k)
     assert gf.keys() == g64.keys()
@@ -68,10 +68,10 @@ def test_fast_matches_reference_loss_and_every_gradient():
 def test_compiled_fast_step_equals_eager():
     """Catches tangents silently dropped by the compiler (pytorch#192985): inductor, fullgraph."""
     cfg, model, x, y, d = setup()
-    model.set_fast(True)
-    logs_e, g_e = step(model, x, y, d, cfg, "explicit")
+    model.set_impl("fast")
+    logs_e, g_e = step(model, x, y, d, cfg, "fast")
     compiled = torch.compile(pmf_loss, fullgraph=True)
-    logs_c, g_c = step(model, x, y, d, cfg, "explicit", compiled)
+    logs_c, g_c = step(model, x, y, d, cfg, "fast", compiled)
     for k in logs_e:
         assert torch.allclose(logs_c[k], logs_e[k], rtol=1e-5, atol=1e-6), k
     for n in g_e:
@@ -82,12 +82,12 @@ def test_a_few_optimizer_steps_stay_together():
     cfg, model, x, y, _ = setup()
     runs = {}
     for impl in ("reference", "fast"):
-        m = copy.deepcopy(model).set_fast(impl == "fast")
-        opts = build_optimizers(m, cfg.optim, fast=impl == "fast")
+        m = copy.deepcopy(model).set_impl(impl)
+        opts = build_optimizers(m, cfg.optim)
         gen = torch.Generator(DEV).manual_seed(5)
         for _ in range(3):
             d = sample_draws(x, cfg.objective, gen)
-            step(m, x, y, d, cfg, "reference" if impl == "reference" else "explicit")
+            step(m, x, y, d, cfg, impl)
             for o in opts:
                 o.step()
         runs[impl] = dict(m.named_parameters())
