@@ -18,25 +18,47 @@ def device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class Timing(float):
+    """Milliseconds: the float is the median (what callers compare and divide), .p20 and .p80 the
+    20th and 80th percentiles of the same repetitions, which record() reports beside it."""
+
+    def __new__(cls, p20, p50, p80):
+        t = super().__new__(cls, p50)
+        t.p20, t.p80 = p20, p80
+        return t
+
+
 def time_ms(fn, warmup=10, rep=50):
-    """Median milliseconds of fn()."""
+    """Timing of fn(): median milliseconds with p20/p80 (triton.testing.do_bench: CUDA events,
+    L2 flushed between repetitions). In a smoke run, one wall-clock call: all three are equal."""
     if SMOKE or not torch.cuda.is_available():
         t0 = time.perf_counter()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3
+        return Timing(ms, ms, ms)
     import triton
-    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    p20, p50, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.2, 0.5, 0.8])
+    return Timing(p20, p50, p80)
+
+
+def _quantiles(prefix, t):
+    if not isinstance(t, Timing):
+        return {}
+    return {f"{prefix}p20_ms": round(t.p20, 4), f"{prefix}p80_ms": round(t.p80, 4)}
 
 
 def record(benchmark, group, name, ms, flops=None, baseline=None, unit="ms", **info):
-    """Attach one measurement to pytest-benchmark and to $PMF_BENCH_OUT.
-    baseline: (name, value) measured in the same run; the speed-up is baseline / value.
+    """Attach one measurement to pytest-benchmark and to $PMF_BENCH_OUT (one JSON line, appended and
+    flushed at once, so a run cut short keeps every row measured before the cut).
+    ms: a float, or a Timing from time_ms, whose p20/p80 become the row's p20_ms/p80_ms.
+    baseline: (name, value) measured in the same run; the speed-up is baseline / value (medians).
     unit: what `ms` holds when it is not a time (e.g. "MiB/image" for the memory benchmark)."""
-    row = {"group": group, "name": name, "ms": round(ms, 4), "unit": unit, **info}
+    row = {"group": group, "name": name, "ms": round(ms, 4), "unit": unit, **_quantiles("", ms), **info}
     if flops is not None:
         row["tflops"] = round(flops / (ms * 1e-3) / 1e12, 2)
     if baseline is not None:
         row["baseline"], row["baseline_ms"] = baseline[0], round(baseline[1], 4)
+        row.update(_quantiles("baseline_", baseline[1]))
         row["speedup"] = round(baseline[1] / ms, 3)
         if flops is not None:
             row["baseline_tflops"] = round(flops / (baseline[1] * 1e-3) / 1e12, 2)

@@ -6,12 +6,22 @@ Per matrix, on the wide orientation (transposed when m > n), after Frobenius nor
 with (a, b, c) = (3.4445, -4.7750, 2.0315) (KellerJordan/Muon): the output is roughly U S' V^T
 with S' in [0.5, 1.5], not exactly U V^T. Eager reference: newton_schulz_ref.
 
-Kernels (the idea of modded-nanogpt's and microsoft/dion's Triton NS): A = X X^T and B = b A + c A A^T are symmetric, so both compute
-only the tiles on and below the diagonal and store each tile and its mirror image (about a third
-fewer FLOPs at m = n); the batch of same-shape matrices is a grid axis, so all of pMF-B's
-768 x 768 matrices are one launch instead of dozens of small GEMMs. X <- a X + B X is a batched
-cuBLAS GEMM (torch.baddbmm). On GPU the operands are bf16 with fp32 accumulation (dtype=None
-means bf16 on CUDA); on CPU without TRITON_INTERPRET=1 the reference runs instead.
+Kernels (the idea of modded-nanogpt's and microsoft/dion's Triton NS): A = X X^T and
+B = b A + c A A^T are symmetric, so both compute only the tiles on and below the diagonal and store
+each tile and its mirror image (about a third fewer FLOPs at m = n); the batch of same-shape
+matrices is a grid axis, so all of pMF-B's 768 x 768 matrices are one launch instead of dozens of
+small GEMMs. X <- a X + B X is a batched cuBLAS GEMM (torch.baddbmm). On GPU the operands are
+bf16 with fp32 accumulation (dtype=None means bf16 on CUDA); on CPU without TRITON_INTERPRET=1
+the reference runs instead.
+
+Decision (issue 10, item 6): Muon runs newton_schulz_ref under torch.compile; this kernel stays a
+benchmarked alternative. The rule was: the kernel is used only if it beats the compiled batched
+reference by at least 1.3x. Measured over the 178 Muon matrices of pMF-B/16 (H200, torch 2.11,
+triton 3.6, 2026-11): kernel 8.73 ms, compiled reference 8.73 ms (1.00x), torch.optim.Muon's
+per-matrix loop 5.5x slower than either. The gain over Muon's loop comes from batching same-shape
+matrices, which the compiled reference does as well; computing only the lower-triangle tiles gave
+nothing measurable on top of it. bench/bench_newton_schulz.py reports all three in one run; revisit
+the choice when its kernel-vs-compiled row reaches 1.3x.
 """
 import os
 
@@ -23,6 +33,8 @@ try:
 except ImportError:
     triton = None
 
+# (a, b, c) of the quintic iteration (KellerJordan/Muon). The one home of these numbers: Muon, the
+# benchmarks and the tests import them from here.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
