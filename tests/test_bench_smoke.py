@@ -39,3 +39,7 @@ def test_bench_smoke(tmp_path):
     assert all(r["ms"] > 0 and r["device"] == "cpu (smoke)" for r in rows)
     assert all(r["baseline_ms"] > 0 for r in rows if r["group"] != "data loader (256 px)")   # measured beside
     assert all("tflops" in r for r in rows if r["unit"] == "ms")           # every timing has its FLOP rate
+    timed = [r for r in rows if r["group"].startswith(("attention", "newton-schulz", "patch embed"))]
+    assert all(r["p20_ms"] <= r["ms"] <= r["p80_ms"] and "baseline_p80_ms" in r for r in timed)   # time_ms quantiles
+    bwd = {r["name"].split(") ")[-1] for r in rows if r["group"] == "attention bwd"}
+    assert {"torch_flash", "triton", "triton_onepass", "autograd (default: triton)"} <= bwd
