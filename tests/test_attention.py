@@ -14,6 +14,7 @@ DEV = "cuda" if GPU else "cpu"
 CPU_SHAPES = [(1, 2, 36, 80), (2, 1, 20, 32), (1, 1, 37, 64), (1, 1, 37, 80), (1, 1, 20, 48)]
 GPU_SHAPES = [(4, 12, 276, 64), (2, 16, 276, 80), (2, 4, 333, 128), (2, 8, 276, 32)]
 SHAPES = GPU_SHAPES if GPU else CPU_SHAPES
+BWD_SHAPES = GPU_SHAPES[:2] if GPU else CPU_SHAPES     # on a GPU: pMF's two head dims (each one compiles)
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
 
 
@@ -90,7 +91,7 @@ def grads64_and_eager(shape, dtype):
 
 
 @pytest.mark.parametrize("variant", BACKWARDS)
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", BWD_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_backward_variants(variant, shape, dtype):
     """Every backward variant, fed with our forward's O and LSE, against the fp64 reference. On a GPU
