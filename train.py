@@ -4,14 +4,15 @@
     python train.py --preset pMF-B/16 train.data=/data/imagenet/train
     torchrun --standalone --nproc-per-node=8 train.py --preset pMF-B/16 train.data=/data/imagenet/train
     torchrun --nnodes=4 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 \
-        --rdzv-id=$JOB train.py --preset pMF-H/16 train.data=/data/imagenet/train
-    python train.py --resume runs/<name>              # continue a run from its newest checkpoint
+        --rdzv-id=$JOB --max-restarts=3 train.py --preset pMF-H/16 train.parallel=fsdp train.data=...
+    python train.py --resume runs/<name> train.steps=2000   # continue a run, with overrides
 
 Overrides are `section.field=value` (see pmf_fast/config.py); the resolved config is saved as
-config.json in the run directory and inside every checkpoint.
+config.json in the run directory and inside every checkpoint. Running the same command again
+resumes the run in runs/<name> from its newest checkpoint. SIGTERM or Ctrl-C: the step finishes,
+a checkpoint is written, exit 0.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,24 +20,26 @@ import time
 import torch
 
 from pmf_fast import dist
-from pmf_fast.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from pmf_fast.config import DEFAULT_PRESET, Config, ConfigError, get_config, save_config, set_field, validate
+from pmf_fast.checkpoint import (CheckpointError, all_finite, is_sharded, load_sharded, remove_stale_temporaries,
+                                 save_checkpoint, save_sharded)
+from pmf_fast.config import DEFAULT_PRESET, ConfigError, save_config
 from pmf_fast.data import make_loader
-from pmf_fast.ema import EMAs
+from pmf_fast.ema import EMAs, full
 from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
 from pmf_fast.muon import build_optimizers
-from pmf_fast.sampling import class_grid, judge_digits, pick_ema, save_grid
+from pmf_fast.run import Log, StopSignals, TrainState, finished, lr_factor, resolve_run
+from pmf_fast.sampling import class_grid, judge_digits, pick_ema, row_labels, save_grid
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=DEFAULT_PRESET, help="a preset name from pmf_fast/config.py")
     p.add_argument("--resume", default="", help="run directory to resume from its newest checkpoint")
-    p.add_argument("--name", default="", help="run directory name under train.out_dir (default: preset + time)")
+    p.add_argument("--name", default="", help="run directory name under train.out_dir (default: the preset's name)")
     p.add_argument("--impl", default=None, choices=["auto", "fast", "eager", "reference"],
-                   help="training step: fast (Triton kernels, compiled; default on CUDA), eager (default on "
-                        "CPU), reference (torch.func.jvp); same as train.impl=...")
+                   help="training step: fast (Triton kernels, blocks compiled; default on CUDA), eager (default "
+                        "on CPU), reference (torch.func.jvp); same as train.impl=...")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args, unknown = p.parse_known_args(argv)
     return args, args.overrides + unknown + ([f"train.impl={args.impl}"] if args.impl else [])
@@ -44,28 +47,24 @@ def parse_args(argv):
 
 def main(argv=None):
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-
-    # ---------------------------------------------------------------- config (fail before any work)
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(latest_checkpoint(args.resume))
-        cfg = Config.from_dict(ckpt["config"])
-        for item in overrides:                       # e.g. extend train.steps when resuming
-            key, _, value = item.lstrip("-").partition("=")
-            set_field(cfg, key, value)
-        validate(cfg)
-        run_dir = args.resume
-    else:
-        cfg = get_config(args.preset, overrides)
-        name = args.name or f"{cfg.preset.replace('/', '-')}_{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = os.path.join(cfg.train.out_dir, name)
-    m, o, tc = cfg.model, cfg.objective, cfg.train
-
-    # ---------------------------------------------------------------- distributed, device, precision
     rank, world, _, device = dist.setup()
     is_main = rank == 0
+
+    # ---------------------------------------------------------------- config and run directory (fail before any write)
+    cfg, run_dir, meta, ckpt_path = resolve_run(args.preset, args.name, args.resume, overrides,
+                                                print if is_main else (lambda s: None))
+    m, o, tc = cfg.model, cfg.objective, cfg.train
+    if meta is not None and finished(meta, cfg):
+        if is_main:
+            print(f"{run_dir} already finished at step {meta['train']['step']}: nothing to do (raise train.steps or "
+                  f"train.time_budget_s with --resume to train longer, or pass --name for a new run)")
+        dist.cleanup()
+        return run_dir
     if tc.batch_size % world:
         raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the {world} ranks")
+    if (tc.data == "digits") != (m.in_channels == 1):
+        raise ConfigError(f"model.in_channels={m.in_channels} does not fit train.data={tc.data!r}: the digits are "
+                          "1-channel, image folders are loaded as RGB (3 channels)")
     batch = tc.batch_size // world
     impl = tc.impl if tc.impl != "auto" else ("fast" if device.type == "cuda" else "eager")
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
@@ -73,39 +72,42 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, "config.json"))
-
-    def log(msg):
-        if is_main:
-            print(msg, flush=True)
 
     # ---------------------------------------------------------------- data
+    quiet = lambda s: print(s, flush=True) if is_main else None
     loader, n_images, n_classes = make_loader(tc.data, m.image_size, batch, rank, world, tc.seed, device,
-                                              tc.num_workers, tc.loader, log, tc.flip)
+                                              tc.num_workers, tc.loader, quiet, tc.flip)
     if n_classes > m.num_classes:
         raise ConfigError(f"the data has {n_classes} classes but model.num_classes={m.num_classes}")
     steps = tc.steps or tc.epochs * (n_images // tc.batch_size)
-    log(f"run {run_dir}: {cfg.preset}, {n_images} images, {n_classes} classes, {steps} steps of "
-        f"{tc.batch_size} ({world} ranks, {device.type}, {'bf16' if bf16 else 'fp32'}, impl {impl})")
 
-    # ---------------------------------------------------------------- model, optimizers, EMAs, losses
-    torch.manual_seed(tc.seed)                       # same init on every rank, then broadcast anyway
-    model = PMFDiT(m, t_eps=o.t_eps).to(device).set_fast(impl == "fast")
-    dist.broadcast_params(model)
-    optimizers = build_optimizers(model, cfg.optim, fast=impl == "fast")
-    jvp = "reference" if impl == "reference" else "explicit"
-    loss_fn = torch.compile(pmf_loss) if impl == "fast" else pmf_loss   # backward compiled by AOTAutograd
+    # ---------------------------------------------------------------- run directory, log
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        for path in remove_stale_temporaries(run_dir):
+            print(f"removed {path}, left by a killed run", flush=True)
+    bar = None
+    if is_main and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=steps, dynamic_ncols=True)
+    log = Log(run_dir, is_main, tc.tensorboard, bar)
+    log(f"run {run_dir}: {cfg.preset}, {n_images} images, {n_classes} classes, {steps} steps of {tc.batch_size} "
+        f"({world} ranks, {device.type}, {'bf16' if bf16 else 'fp32'}, impl {impl}, {tc.parallel if world > 1 else 'one rank'}"
+        f", checkpointing {tc.checkpointing})")
+
+    # ---------------------------------------------------------------- model, parallelism, optimizers, EMAs, losses
+    torch.manual_seed(tc.seed)                       # the same init on every rank (DDP broadcasts rank 0's anyway)
+    model = PMFDiT(m, t_eps=o.t_eps).to(device).set_impl(impl)
+    step_model = dist.parallelize(model, impl, tc.parallel, tc.checkpointing, tc.shard_size, device)
+    optimizers = build_optimizers(model, cfg.optim)
     emas = EMAs(model, tc.ema_halflives_kimg, tc.batch_size)
     perceptual = None
     if o.lpips_weight > 0 or o.convnext_weight > 0:
         from pmf_fast.perceptual import PerceptualLoss
-        perceptual = PerceptualLoss(o.lpips_weight, o.convnext_weight, o.perceptual_weights).to(device)
+        perceptual = PerceptualLoss(o.lpips_weight, o.convnext_weight, o.perceptual_weights,
+                                    crop=o.perceptual_crop).to(device)
         log(f"perceptual losses: LPIPS x{o.lpips_weight}, ConvNeXt-V2 x{o.convnext_weight}, t < "
             f"{o.perceptual_max_t}, {o.perceptual_weights} weights")
-    else:
-        log("perceptual losses off (objective.lpips_weight = convnext_weight = 0)")
     fid_setup = None
     if tc.eval_every:                                # periodic FID: only when weights and reference exist
         from pmf_fast.eval import InceptionExtractor, reference
@@ -114,117 +116,168 @@ def main(argv=None):
             fid_setup = (extractor, reference(tc.fid_ref, extractor, m.image_size)[0])
         except (FileNotFoundError, ValueError) as e:
             log(f"periodic FID skipped: {e}")
-    gen = torch.Generator(device).manual_seed(tc.seed + rank)   # every random draw of the objective
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        for opt, s in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(s)
-        emas.load_state_dict(ckpt["emas"])
-        data = ckpt["data"]                           # one data position per rank
-        if len(data) == world:
-            loader.load_state_dict(data[rank])
-        elif "epoch" in data[0]:                      # index-based positions are the same on every rank
-            loader.load_state_dict(data[0])
+    state = TrainState(loader, device, tc.seed, rank, world)
+    sharded = tc.parallel == "fsdp"
+
+    def shards():                                    # what torch.distributed.checkpoint saves and loads
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        msd, osd = get_state_dict(model, optimizers)
+        return {"model": msd, "optimizers": osd, "emas": emas.state_dict()}
+
+    if meta is not None:                             # resume: every stateful piece takes its own state
+        if sharded != is_sharded(ckpt_path):
+            raise ConfigError(f"{ckpt_path} was written with train.parallel={'fsdp' if is_sharded(ckpt_path) else 'ddp'}"
+                              "; resume with the same train.parallel")
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+            saved = shards()
+            load_sharded(ckpt_path, saved)
+            set_state_dict(model, optimizers, model_state_dict=saved["model"], optim_state_dict=saved["optimizers"])
         else:
-            log(f"resuming on {world} ranks from a {len(data)}-rank run: the DALI readers start a fresh epoch")
-        if len(ckpt["rng"]) == world:
-            gen.set_state(ckpt["rng"][rank])
-        else:
-            gen.manual_seed(tc.seed + rank + 7919 * ckpt["step"])
-            log(f"resuming on {world} ranks from a {len(ckpt['rng'])}-rank run: fresh random streams")
-        step = ckpt["step"]
-        log(f"resumed from step {step}")
-        del ckpt
+            model.load_state_dict(meta["model"])
+            for opt, s in zip(optimizers, meta["optimizers"]):
+                opt.load_state_dict(s)
+            emas.load_state_dict(meta["emas"])
+        state.load_state_dict(meta["train"], log)
+        log.truncate(state.step)
+        log(f"resumed from {ckpt_path} at step {state.step}")
+        del meta
+    if is_main:
+        save_config(cfg, os.path.join(run_dir, "config.json"))   # only now: a refused resume changed nothing
+    if bar is not None:
+        bar.update(state.step)
 
     def checkpoint():
-        rng, data = [gen.get_state()], [loader.state_dict()]
-        if dist.is_dist():                             # every rank's random stream and data position
-            rng, data = [None] * world, [None] * world
-            torch.distributed.all_gather_object(rng, gen.get_state().cpu())
-            torch.distributed.all_gather_object(data, loader.state_dict())
-        if is_main:
-            save_checkpoint(run_dir, step, {
+        """Every rank calls it; non-finite weights are never written (all ranks agree first)."""
+        if dist.agree_max([not all_finite([p.detach() for p in model.parameters()])], device)[0]:
+            log(f"step {state.step}: the weights are not finite; no checkpoint written")
+            return
+        train_state = state.state_dict()
+        if sharded:
+            save_sharded(run_dir, state.step, shards(), {"config": cfg.to_dict(), "train": train_state})
+        elif is_main:
+            save_checkpoint(run_dir, state.step, {
                 "model": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
-                "emas": emas.state_dict(), "step": step, "rng": rng, "data": data, "config": cfg.to_dict()})
+                "emas": emas.state_dict(), "train": train_state, "config": cfg.to_dict()})
         dist.barrier()
 
+    def sampling_model(choice):
+        """An unsharded copy holding the chosen EMA (or the raw weights); collective under FSDP2."""
+        key = pick_ema(emas, choice)
+        weights = emas.full_state(key) if key else {n: full(p.detach()) for n, p in model.named_parameters()}
+        net = PMFDiT(m, t_eps=o.t_eps).to(device)
+        net.load_state_dict(weights)
+        return net.eval()
+
     def sample_grid():
-        ema_model = emas.copy_into(model, pick_ema(emas, cfg.sample.ema))
-        path = os.path.join(run_dir, f"samples_{step:08d}.png")
-        imgs, _ = class_grid(ema_model, cfg, min(cfg.sample.grid_classes, n_classes), device)
-        save_grid(imgs, path, nrow=cfg.sample.grid_per_class)
+        net = sampling_model(cfg.sample.ema)
+        if not is_main:
+            return None
+        path = os.path.join(run_dir, f"samples_{state.step:08d}.png")
+        imgs, y = class_grid(net, cfg, min(cfg.sample.grid_classes, n_classes), device)
+        save_grid(imgs, path, nrow=cfg.sample.grid_per_class, labels=row_labels(y, cfg.sample.grid_per_class))
+        log.image(state.step, "samples", path)
         return path
 
     # ---------------------------------------------------------------- training loop
+    # Host syncs only at the stop checks (every train.stop_check_every steps, and on log and
+    # checkpoint steps): there all ranks agree on the time budget, signals and a non-finite loss.
+    signals = StopSignals()
     params = [p for p in model.parameters() if p.requires_grad]
-    t_start, t_log, img_log = time.time(), time.time(), 0
-    sums = {}
-    bar = None
-    if is_main and sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = tqdm(total=steps, initial=step, dynamic_ncols=True)
-    while step < steps:
+    t_start, t_log = time.time() - state.elapsed, time.time()
+    sums, n_sum, bad = {}, 0, torch.zeros((), device=device)
+    skipped_in_a_row, stop_reason, progress = 0, None, 0.0
+    while state.step < steps:
+        factor = lr_factor(cfg.optim, state.step, max(state.step / steps, progress))
+        for opt in optimizers:
+            for g in opt.param_groups:
+                g["lr"] = cfg.optim.lr * factor
         x, y = next(loader)
-        draws = sample_draws(x, o, gen)
+        draws = sample_draws(x, o, state.gen, state.cpu_gen)
         with autocast:
-            loss, logs = loss_fn(model, x, y, draws, o, m.num_classes, perceptual, jvp)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; the last checkpoint is intact")
+            loss, logs = pmf_loss(step_model, x, y, draws, o, m.num_classes, perceptual, impl)
+        if tc.nonfinite == "skip":                   # decided per step, by all ranks: one sync per step
+            if dist.agree_max([~torch.isfinite(loss)], device)[0]:
+                skipped_in_a_row += 1
+                log(f"step {state.step + 1}: non-finite loss, update skipped ({skipped_in_a_row} in a row)")
+                if skipped_in_a_row >= tc.max_nonfinite:
+                    stop_reason = f"{skipped_in_a_row} non-finite losses in a row"
+                    break
+                continue
+            skipped_in_a_row = 0
+        else:
+            bad = torch.maximum(bad, (~torch.isfinite(loss)).float())   # on the device: no sync here
         loss.backward()
-        dist.average_grads(params)
+        state.step += 1
+        log_step = state.step % tc.log_every == 0 or state.step == steps
+        if log_step:
+            grad_norm = full(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        step += 1
-        emas.update(model, step)
+        emas.update(model, state.step)
         for k, v in logs.items():
             sums[k] = sums.get(k, 0.0) + v
-        img_log += tc.batch_size
+        n_sum += 1
         if bar is not None:
             bar.update(1)
 
-        # ------------------------------------------------------------ log, samples, checkpoints
-        if step % tc.log_every == 0 or step == steps:
-            terms = {k: dist.all_reduce_mean(v).item() / (step % tc.log_every or tc.log_every) for k, v in sums.items()}
-            rate = img_log / (time.time() - t_log)
-            line = {"step": step, **{k: round(v, 5) for k, v in terms.items()}, "img_per_s": round(rate, 1),
-                    "elapsed_s": round(time.time() - t_start, 1)}
-            if is_main:
-                msg = " ".join(f"{k} {v}" for k, v in line.items())
-                (bar.write(msg) if bar is not None else print(msg, flush=True))
-                with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(line) + "\n")
-            sums, t_log, img_log = {}, time.time(), 0
-        if tc.sample_every and step % tc.sample_every == 0 and is_main:
+        # ------------------------------------------------------------ stop checks (agreed), log, samples, checkpoints
+        ckpt_step = state.step % tc.ckpt_every == 0 or state.step == steps
+        if log_step or ckpt_step or state.step % tc.stop_check_every == 0:
+            state.elapsed = time.time() - t_start
+            nonfinite, elapsed, signal_seen = dist.agree_max([bad, state.elapsed, signals.received is not None], device)
+            progress = elapsed / tc.time_budget_s if tc.time_budget_s else 0.0
+            if nonfinite:
+                stop_reason = "non-finite loss"
+                break
+            if signal_seen:
+                stop_reason = f"{signals.received or 'a signal'} received"
+            elif tc.time_budget_s and elapsed >= tc.time_budget_s:
+                stop_reason = f"time budget of {tc.time_budget_s:.0f} s reached"
+        if log_step:
+            terms = {k: dist.all_reduce_mean(v).item() / n_sum for k, v in sums.items()}
+            rate = n_sum * tc.batch_size / (time.time() - t_log)
+            log.row(state.step, {**{k: round(v, 5) for k, v in terms.items()}, "lr": cfg.optim.lr * factor,
+                                 "grad_norm": round(grad_norm.item(), 4), "img_per_s": round(rate, 1),
+                                 "elapsed_s": round(time.time() - t_start, 1)})
+            sums, n_sum, t_log = {}, 0, time.time()
+        if tc.sample_every and state.step % tc.sample_every == 0:
             sample_grid()
-        if fid_setup is not None and step % tc.eval_every == 0:
-            from pmf_fast.eval import fid_of_model
-            ema_model = emas.copy_into(model, pick_ema(emas, cfg.sample.ema))
-            value = fid_of_model(ema_model, cfg, tc.eval_samples, *fid_setup, device, rank, world)
-            if is_main:
-                key = f"fid_{tc.eval_samples // 1000}k" if tc.eval_samples % 1000 == 0 else f"fid_{tc.eval_samples}"
-                log(f"step {step} {key} {value:.3f} ({fid_setup[0].name})")
-                with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, key: value}) + "\n")
-        if step % tc.ckpt_every == 0 or step == steps:
+        if fid_setup is not None and state.step % tc.eval_every == 0:
+            from pmf_fast.sampling import fid_of_model
+            value = fid_of_model(sampling_model(cfg.sample.ema), cfg, tc.eval_samples, *fid_setup, device, rank, world)
+            key = f"fid_{tc.eval_samples // 1000}k" if tc.eval_samples % 1000 == 0 else f"fid_{tc.eval_samples}"
+            log.row(state.step, {key: value})
+        state.finished = state.step == steps or (stop_reason or "").startswith("time budget")
+        if ckpt_step or stop_reason:
             checkpoint()
-        if tc.time_budget_s and time.time() - t_start > tc.time_budget_s:
-            log(f"time budget of {tc.time_budget_s:.0f} s reached at step {step}")
-            checkpoint()
+        if stop_reason:
             break
-    if bar is not None:
-        bar.close()
+    signals.restore()
 
-    # ---------------------------------------------------------------- final samples and, for digits, the judge
-    if is_main:
-        log(f"trained {step} steps in {time.time() - t_start:.0f} s; samples: {sample_grid()}")
+    # ---------------------------------------------------------------- end: why, final samples, the digits judge
+    if stop_reason and "non-finite" in stop_reason:
+        log(f"stopped at step {state.step}: {stop_reason}; no checkpoint was written after the loss went bad "
+            f"(set train.nonfinite=skip to skip such steps)")
+        log.close()
+        dist.cleanup()
+        raise FloatingPointError(f"{stop_reason} at step {state.step}")
+    if stop_reason and not state.finished:
+        log(f"stopped at step {state.step} ({stop_reason}); checkpoint written: run the same command to continue")
+    else:
+        log(f"trained {state.step} steps in {time.time() - t_start:.0f} s" + (f" ({stop_reason})" if stop_reason else ""))
+        path = sample_grid()
+        log(f"samples: {path}")
         if tc.data == "digits":
-            metrics = judge_digits(emas.copy_into(model, pick_ema(emas, cfg.sample.ema)), cfg, device)
-            metrics.update(steps=step, train_seconds=round(time.time() - t_start, 1))
-            with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=2)
-            log("judge: " + json.dumps(metrics))
+            net = sampling_model(cfg.sample.ema)
+            if is_main:
+                metrics = judge_digits(net, cfg, device)
+                metrics.update(steps=state.step, train_seconds=round(time.time() - t_start, 1))
+                log.write_json("metrics.json", metrics)
+                log.scalars(state.step, {f"judge/{k}": v for k, v in metrics.items()})
+                log("judge: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    log.close()
     dist.cleanup()
     return run_dir
 
@@ -236,3 +289,7 @@ if __name__ == "__main__":
         sys.exit(f"config error: {e}")
     except (CheckpointError, FileNotFoundError) as e:     # bad input: the message says what and where
         sys.exit(f"error: {e}")
+    except FloatingPointError as e:
+        sys.exit(f"error: training stopped: {e}")
+    except OSError as e:                                  # e.g. an unwritable or full train.out_dir
+        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")

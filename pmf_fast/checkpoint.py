@@ -1,7 +1,10 @@
 """Checkpoints: atomic writes, clear errors, resume from the newest readable one in a run directory.
 
-A checkpoint is one torch file `ckpt_<step>.pt` holding the model, optimizers, EMAs, step, RNG
-states, data position and the resolved config. It is written with pmf_fast.atomic (a temporary file
+A checkpoint is one torch file `ckpt_<step>.pt` holding the model, optimizers, EMAs, the training
+state (step, RNG states, data positions) and the resolved config. A sharded run (train.parallel=fsdp)
+writes a directory `ckpt_<step>.dcp/` instead through torch.distributed.checkpoint (each rank its
+shards; resumable on another world size, DCP reshards) with `meta.pt` (config and training state)
+beside the shards; it is written as `ckpt_<step>.dcp.tmp/` and renamed when complete. It is written with pmf_fast.atomic (a temporary file
 in the same directory, fsynced, renamed over the final name), so a crash mid-write leaves the
 previous checkpoints intact; the `keep` newest are kept. A kill leaves at most a temporary file,
 which `remove_stale_temporaries` deletes at the next start.
@@ -13,12 +16,15 @@ which `remove_stale_temporaries` deletes at the next start.
 import glob
 import os
 import re
+import shutil
 
 import torch
+import torch.distributed as dist
 
 from .atomic import atomic_write, clean_temporaries
 
-PATTERN = re.compile(r"ckpt_(\d+)\.pt$")
+PATTERN = re.compile(r"ckpt_(\d+)\.(pt|dcp)$")
+META = "meta.pt"                                   # inside a sharded checkpoint: config and training state
 
 
 class CheckpointError(RuntimeError):
@@ -30,11 +36,15 @@ class CheckpointError(RuntimeError):
 def list_checkpoints(run_dir):
     """[(step, path)] sorted by step."""
     found = []
-    for p in glob.glob(os.path.join(glob.escape(run_dir), "ckpt_*.pt")):
+    for p in glob.glob(os.path.join(glob.escape(run_dir), "ckpt_*")):
         m = PATTERN.search(os.path.basename(p))
-        if m:
+        if m and (m.group(2) == "pt" or os.path.isfile(os.path.join(p, META))):
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def is_sharded(path):
+    return path.endswith(".dcp")
 
 
 def latest_checkpoint(run_dir):
@@ -49,7 +59,10 @@ def remove_stale_temporaries(run_dir):
     run_dir; returns their paths. Call once at start, before any checkpoint is written."""
     if not os.path.isdir(run_dir):
         return []
-    return clean_temporaries(run_dir, "ckpt_*.pt")
+    dirs = glob.glob(os.path.join(glob.escape(run_dir), "ckpt_*.dcp.tmp"))   # an unfinished sharded save
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    return clean_temporaries(run_dir, "ckpt_*.pt") + dirs
 
 
 # ---------------------------------------------------------------------------- save
@@ -93,15 +106,58 @@ def save_checkpoint(run_dir, step, state, keep=2):
         raise CheckpointError(f"cannot write checkpoint {os.path.basename(path)} in {run_dir!r}: "
                               f"{e.strerror or e} (full disk or no write permission?); "
                               "the previous checkpoints are intact") from None
-    for _, old in list_checkpoints(run_dir)[:-keep]:
-        os.remove(old)
+    _rotate(run_dir, keep)
     return path
+
+
+def _rotate(run_dir, keep):
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+
+
+def save_sharded(run_dir, step, shards, meta, keep=2):
+    """Every rank: torch.distributed.checkpoint.save of `shards` (model, optimizers, EMAs with
+    DTensors) into ckpt_<step>.dcp.tmp/; rank 0 adds meta.pt and renames it to ckpt_<step>.dcp once
+    all ranks are done. A collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    path = os.path.join(run_dir, f"ckpt_{step:08d}.dcp")
+    tmp, rank0 = path + ".tmp", not dist.is_initialized() or dist.get_rank() == 0
+    try:
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        dcp.save(shards, checkpoint_id=tmp)
+        if rank0:
+            atomic_write(os.path.join(tmp, META), lambda f: torch.save(meta, f))
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+            _rotate(run_dir, keep)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {os.path.basename(path)} in {run_dir!r}: "
+                              f"{e.strerror or e} (full disk or no write permission?); "
+                              "the previous checkpoints are intact") from None
+    _barrier()
+    return path
+
+
+def load_sharded(path, shards):
+    """Load a sharded checkpoint's tensors in place into `shards` (the same structure as saved, on
+    any world size). A collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    dcp.load(shards, checkpoint_id=path)
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ---------------------------------------------------------------------------- load
 
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint file, with an error that says what is wrong and what to do."""
+    if is_sharded(path):                        # the config and training state; shards: load_sharded
+        path = os.path.join(path, META)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} not found")
     try:
@@ -119,7 +175,7 @@ def load_latest(run_dir, log=print, map_location="cpu"):
     CheckpointError when there is no checkpoint or none is readable."""
     found = list_checkpoints(run_dir)
     if not found:
-        raise CheckpointError(f"no checkpoint (ckpt_<step>.pt) in {run_dir!r} to resume from")
+        raise CheckpointError(f"no checkpoint (ckpt_<step>.pt or .dcp) in {run_dir!r} to resume from")
     bad = []
     for _, path in reversed(found):
         try:

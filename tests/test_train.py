@@ -58,16 +58,15 @@ def digest(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_lost(tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_and_nothing_is_lost(tmp_path, capsys):
     d = run(tmp_path, "c", "train.steps=2")
-    good = list_checkpoints(d)[-1][1]
-    before = digest(good)
     bad = os.path.join(d, "ckpt_00000009.pt")
     with open(bad, "wb") as f:
         f.write(b"PK\x03\x04 truncated")
-    with pytest.raises(CheckpointError, match="ckpt_00000009.pt.*unreadable.*move it aside"):
-        run(tmp_path, "c", resume=True)
-    assert digest(good) == before and os.path.exists(bad)
+    run(tmp_path, "c", "train.steps=3", resume=True)      # falls back to the good one, with a warning
+    assert "ckpt_00000009.pt is unreadable" in capsys.readouterr().out
+    assert open(bad, "rb").read() == b"PK\x03\x04 truncated"             # left untouched
+    assert [s for s, _ in list_checkpoints(d)] == [3, 9]                   # resumed from 2, saved 3
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -78,7 +77,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         f.write(b"half")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="disk full"):
         save_checkpoint(str(tmp_path), 2, {"w": torch.zeros(3)})
     assert sorted(os.listdir(tmp_path)) == ["ckpt_00000001.pt"]         # no half file, no temp left
     assert digest(tmp_path / "ckpt_00000001.pt") == before
@@ -97,5 +96,94 @@ def test_sample_cli_ours_and_official_layout(tmp_path):
 
     # an official-layout file needs its preset (generation from it: tests/test_eval.py)
     torch.save(ours_to_official(torch.load(ckpt, weights_only=False)["model"]), tmp_path / "official.pt")
-    with pytest.raises(ValueError, match="--preset"):
+    with pytest.raises(CheckpointError, match="--preset"):
         sample.main(["--ckpt", str(tmp_path / "official.pt"), "--out", str(tmp_path / "x.png")])
+
+
+# ----------------------------------------------------------------------------- run directories and resume
+def test_same_command_again_resumes_and_equals_the_uninterrupted_run(tmp_path):
+    common = ["train.log_every=1", "train.ckpt_every=3", "train.batch_size=16"]
+    full = losses(run(tmp_path, "full", "train.steps=7", *common))
+    run(tmp_path, "again", "train.steps=4", *common)                  # checkpoints at 3 and 4
+    resumed = losses(run(tmp_path, "again", "train.steps=7", *common))  # not --resume: the same name
+    assert full == resumed and [l["step"] for l in resumed] == list(range(1, 8))   # no step logged twice
+
+
+def test_a_finished_run_is_left_alone(tmp_path, capsys):
+    d = run(tmp_path, "done", "train.steps=2")
+    before = {f: digest(os.path.join(d, f)) for f in ("metrics.json", "config.json", "log.jsonl")}
+    run(tmp_path, "done", "train.steps=2")
+    run(tmp_path, "done", resume=True)
+    assert capsys.readouterr().out.count("already finished at step 2: nothing to do") == 2
+    assert before == {f: digest(os.path.join(d, f)) for f in before}
+
+
+def test_another_config_in_the_run_directory_is_refused(tmp_path):
+    d = run(tmp_path, "taken", "train.steps=2")
+    before = digest(os.path.join(d, "config.json"))
+    with pytest.raises(ConfigError, match="holds a run with another config.*lr"):
+        run(tmp_path, "taken", "train.steps=2", "optim.lr=0.5")
+    with pytest.raises(ConfigError, match="cannot resume .*model.depth: 3 -> 8"):     # shapes: refused on --resume
+        run(tmp_path, "taken", "model.depth=8", "train.steps=4", resume=True)
+    assert digest(os.path.join(d, "config.json")) == before and [s for s, _ in list_checkpoints(d)] == [2]
+
+
+def test_first_log_line_after_resume_averages_only_its_own_steps(tmp_path):
+    each = losses(run(tmp_path, "each", "train.steps=8", "train.log_every=1", "train.ckpt_every=100"))
+    run(tmp_path, "split", "train.steps=3", "train.log_every=4", "train.ckpt_every=100")
+    log = losses(run(tmp_path, "split", "train.steps=8", "train.log_every=4", "train.ckpt_every=100"))
+    assert [l["step"] for l in log] == [3, 4, 8]                        # 3: the end of the first session
+    assert log[1]["loss_u"] == pytest.approx(each[3]["loss_u"], rel=1e-4)  # step 4 alone, not 4 steps / 4
+    assert log[2]["loss_u"] == pytest.approx(sum(e["loss_u"] for e in each[4:8]) / 4, rel=1e-4)
+
+
+def test_refused_runs_leave_no_directory(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        run(tmp_path, "nope", "train.data=/nope", "model.in_channels=3")
+    with pytest.raises(ConfigError, match="in_channels"):
+        run(tmp_path, "rgb", "model.in_channels=3")
+    assert not (tmp_path / "nope").exists() and not (tmp_path / "rgb").exists()
+
+
+def test_stale_temporary_files_are_removed_at_start(tmp_path):
+    d = run(tmp_path, "tmp", "train.steps=2")
+    stale = os.path.join(d, "ckpt_00000005.pt.tmp.999999999")              # no such process
+    open(stale, "wb").write(b"half")
+    run(tmp_path, "tmp", "train.steps=3", resume=True)
+    assert not os.path.exists(stale)
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+def nan_from(monkeypatch, first_bad, last_bad=10**9):
+    """Make train.py's loss NaN on steps first_bad..last_bad (1-based), counted by calls."""
+    calls = {"n": 0}
+    real = train.pmf_loss
+
+    def loss(*a, **k):
+        calls["n"] += 1
+        value, logs = real(*a, **k)
+        return (value * float("nan"), logs) if first_bad <= calls["n"] <= last_bad else (value, logs)
+    monkeypatch.setattr(train, "pmf_loss", loss)
+
+
+def test_nonfinite_stop_keeps_the_checkpoint_from_before(tmp_path, monkeypatch):
+    nan_from(monkeypatch, 5)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 5"):
+        run(tmp_path, "nan", "train.steps=10", "train.ckpt_every=1", "train.stop_check_every=1")
+    ckpts = list_checkpoints(str(tmp_path / "nan"))
+    assert [s for s, _ in ckpts] == [3, 4]                               # nothing after the loss went bad
+    for _, path in ckpts:
+        assert all(torch.isfinite(v).all() for v in torch.load(path, weights_only=False)["model"].values())
+
+
+def test_nonfinite_skip_skips_the_update_and_goes_on(tmp_path, monkeypatch, capsys):
+    nan_from(monkeypatch, 3, 4)
+    d = run(tmp_path, "skip", "train.steps=5", "train.nonfinite=skip", "train.log_every=1")
+    out = capsys.readouterr().out
+    assert "update skipped (1 in a row)" in out and "update skipped (2 in a row)" in out
+    assert [l["step"] for l in losses(d)] == [1, 2, 3, 4, 5]             # 5 good updates from 7 draws
+    state = torch.load(list_checkpoints(d)[-1][1], weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    nan_from(monkeypatch, 1)
+    with pytest.raises(FloatingPointError, match="2 non-finite losses in a row"):
+        run(tmp_path, "skip2", "train.steps=5", "train.nonfinite=skip", "train.max_nonfinite=2")
