@@ -1,46 +1,168 @@
-"""Two CPU processes (gloo): gradient averaging, and train.py under torchrun."""
+"""Data parallelism on PyTorch's engines (CPU, gloo, 2 and 3 processes): DDP and FSDP2 take the
+same optimizer steps as one process over the same global batch, Muon's Newton-Schulz shared out
+over ranks gives the single-rank update, and train.py runs and resumes under torchrun."""
+import copy
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pmf_fast.dist import average_grads
+from pmf_fast.config import get_config
+from pmf_fast.dist import parallelize
+from pmf_fast.meanflow import pmf_loss, sample_draws
+from pmf_fast.model import PMFDiT
+from pmf_fast.muon import Muon, assign_owners, build_optimizers, ns_cost
+from tests.conftest import assert_close_by_rule, wake_up
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B, STEPS = 12, 2                              # global batch (divisible by 2 and 3 ranks), optimizer steps
 
 
-def _worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.manual_seed(rank)
-    params = [torch.nn.Parameter(torch.zeros(s)) for s in ((3, 4), (5,), (2, 2, 2))]
-    for p in params:
-        p.grad = torch.randn(p.shape)
-    local = [p.grad.clone() for p in params]
-    average_grads(params, bucket_numel=10)          # small buckets: several all-reduces
-    torch.save({"local": local, "avg": [p.grad for p in params]}, os.path.join(out_dir, f"{rank}.pt"))
+def problem(dtype=torch.float32):
+    """Model, global batch and the draws of each step: the same on every process."""
+    torch.manual_seed(0)
+    cfg = get_config("pMF-XS/4-test")
+    model = wake_up(PMFDiT(cfg.model)).to(dtype)
+    m = cfg.model
+    x = (torch.rand(B, m.in_channels, m.image_size, m.image_size) * 2 - 1).to(dtype)
+    y = torch.randint(0, m.num_classes, (B,))
+    gen = torch.Generator().manual_seed(1)
+    draws = [sample_draws(x, cfg.objective, gen) for _ in range(STEPS)]
+    for d in draws:
+        for f in ("t", "r", "e", "omega", "t_min", "t_max"):
+            setattr(d, f, getattr(d, f).to(dtype))
+    return cfg, model, x, y, draws
+
+
+def part(d, sl):
+    return dataclasses.replace(d, **{f.name: getattr(d, f.name)[sl] for f in dataclasses.fields(d)
+                                     if torch.is_tensor(getattr(d, f.name))})
+
+
+def train_steps(rank, world, parallel, dtype=torch.float32, checkpointing="none"):
+    """Params after STEPS optimizer steps, each rank on its slice of the global batch."""
+    cfg, model, x, y, draws = problem(dtype)
+    step_model = parallelize(model, "eager", parallel, checkpointing, 0, torch.device("cpu"))
+    opts = build_optimizers(model, cfg.optim)
+    sl = slice(rank * B // world, (rank + 1) * B // world)
+    losses = []
+    for d in draws:
+        loss, _ = pmf_loss(step_model, x[sl], y[sl], part(d, sl), cfg.objective, cfg.model.num_classes)
+        loss.backward()
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+    return full, torch.stack(losses)
+
+
+def _worker(rank, world, init_file, out_dir, parallel):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    params, losses = train_steps(rank, world, parallel)
+    dist.all_reduce(losses)
+    if rank == 0:
+        torch.save({"params": params, "losses": losses / world}, os.path.join(out_dir, "out.pt"))
     dist.destroy_process_group()
 
 
-def test_average_grads(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    r0, r1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
-    for a, b, l0, l1 in zip(r0["avg"], r1["avg"], r0["local"], r1["local"]):
-        assert torch.equal(a, b) and torch.allclose(a, (l0 + l1) / 2)
+@pytest.fixture(scope="module")
+def single():
+    """One process over the global batch: fp64 (the reference) and fp32 (the eager error)."""
+    return train_steps(0, 1, "ddp", torch.float64), train_steps(0, 1, "ddp", torch.float32)
 
 
-def test_train_under_torchrun(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           os.path.join(ROOT, "train.py"), "--preset", "pMF-XS/4-test", "--name", "ddp",
-           f"train.out_dir={tmp_path}", "train.steps=3", "train.log_every=1", "train.batch_size=16"]
+@pytest.mark.parametrize("parallel, world", [("ddp", 2), ("fsdp", 2), ("fsdp", 3)])
+def test_data_parallel_equals_one_process(tmp_path, single, parallel, world):
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), parallel), nprocs=world)
+    got = torch.load(tmp_path / "out.pt")
+    (p64, l64), (p32, l32) = single
+    assert_close_by_rule(got["losses"], l64, l32, "losses")
+    for n in p64:
+        assert_close_by_rule(got["params"][n], p64[n], p32[n], f"{parallel} x{world} {n}", relative_atol=True)
+    moved = max((p64[n] - problem(torch.float64)[1].state_dict()[n]).abs().max().item() for n in p64)
+    assert moved > 1e-3                                     # the steps did change the weights
+
+
+def test_activation_checkpointing_equals_none(single):
+    (p64, l64), (p32, l32) = single
+    params, losses = train_steps(0, 1, "ddp", checkpointing="blocks")
+    assert_close_by_rule(losses, l64, l32, "losses")
+    for n in p64:
+        assert_close_by_rule(params[n], p64[n], p32[n], f"checkpointed {n}", relative_atol=True)
+
+
+# ----------------------------------------------------------------------------- distributed Muon
+def test_owners_balance_newton_schulz_cost():
+    shapes = [(32, 32)] * 7 + [(32, 85)] * 3 + [(85, 32)] * 2 + [(10, 256)]
+    for world in (2, 3):
+        owner = assign_owners(shapes, world)
+        load = [sum(ns_cost(s) for s, o in zip(shapes, owner) if o == r) for r in range(world)]
+        assert max(load) - min(load) <= max(ns_cost(s) for s in shapes), load
+        assert owner == assign_owners(shapes, world)         # the same on every rank
+
+
+def _muon_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    out = muon_steps()
+    if rank == 0:
+        torch.save(out, os.path.join(out_dir, "muon.pt"))
+    dist.destroy_process_group()
+
+
+def muon_steps(distributed=None, dtype=torch.float32):
+    torch.manual_seed(0)
+    shapes = [(24, 40)] * 3 + [(40, 24)] * 2 + [(16, 16)] * 4 + [(8, 56)]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+    opt = Muon(params, lr=0.05, distributed=distributed)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, dtype=dtype)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_muon_equals_single_rank(tmp_path, world):
+    mp.spawn(_muon_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
+    got = torch.load(tmp_path / "muon.pt")
+    ref64, ref32 = muon_steps(dtype=torch.float64), muon_steps()
+    for i, (g, r64, r32) in enumerate(zip(got, ref64, ref32)):
+        assert_close_by_rule(g, r64, r32, f"matrix {i}")
+
+
+# ----------------------------------------------------------------------------- train.py under torchrun
+def torchrun(tmp_path, name, *overrides, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           os.path.join(ROOT, "train.py"), "--preset", "pMF-XS/4-test", "--name", name,
+           f"train.out_dir={tmp_path}", "train.log_every=1", "train.batch_size=16", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def log_of(tmp_path, name):
+    return [json.loads(line) for line in open(tmp_path / name / "log.jsonl")]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_train_and_resume_under_torchrun(tmp_path, parallel):
+    res = torchrun(tmp_path, "full", "train.steps=4", f"train.parallel={parallel}")
     assert "2 ranks" in res.stdout
-    log = [json.loads(l) for l in open(tmp_path / "ddp" / "log.jsonl")]
-    assert [l["step"] for l in log] == [1, 2, 3]             # one log line per step: rank 0 only
-    ckpt = torch.load(tmp_path / "ddp" / "ckpt_00000003.pt", weights_only=False)
-    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0], ckpt["rng"][1])   # per-rank draws
+    full = log_of(tmp_path, "full")
+    assert [l["step"] for l in full] == [1, 2, 3, 4]           # one log line per step: rank 0 only
+    torchrun(tmp_path, "split", "train.steps=2", f"train.parallel={parallel}")
+    torchrun(tmp_path, "split", "train.steps=4", f"train.parallel={parallel}")   # the same command resumes
+    split = log_of(tmp_path, "split")
+    keys = [k for k in full[0] if k.startswith("loss")]
+    assert [{k: l[k] for k in keys} for l in split] == [{k: l[k] for k in keys} for l in full]   # exact
+    suffix = "dcp" if parallel == "fsdp" else "pt"
+    assert sorted(os.listdir(tmp_path / "split")).count(f"ckpt_00000004.{suffix}") == 1
