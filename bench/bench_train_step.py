@@ -1,10 +1,22 @@
-"""The whole training step (targets, JVP, loss, backward, Muon + AdamW): fast against reference
-eager and reference compiled, measured in the same run. bf16 autocast, 256 px, 1 GPU.
-Reports ms/step, images/s, achieved TFLOP/s from the analytic count (pmf_fast/flops.py, checked
-against torch.utils.flop_counter in tests/test_flops.py) and MFU against the card's bf16 GEMM rate
-measured in the same run. Targets (H100): fast >= 3x reference eager and >= 1.5x reference
-compiled in images/s; MFU >= 40%.
+"""The whole training step (targets, JVP, loss, backward, Muon + AdamW), one row per way of running
+it, each written as soon as it is measured. bf16 autocast, 256 px, 1 GPU, perceptual losses off
+unless the row says so.
+
+    fast             explicit tangents on the Triton kernels, every block compiled (dist.compile_blocks)
+    kernels          the same kernels, nothing compiled
+    eager            explicit tangents in plain PyTorch (train.impl=eager)
+    reference        torch.func.jvp over the primal forward, math attention, at the largest batch
+                     (halving) that fits; an out-of-memory is a recorded result
+    fast+convnext    fast with the ConvNeXt-V2 feature loss (random weights: speed only; real runs
+                     use it for t < 0.8; LPIPS is not on the GPU image)
+
+Each row: compile seconds (first step minus a steady one), ms/step at p20/p50/p80, images/s,
+TFLOP/s from the analytic count (pmf_fast/flops.py, checked against torch.utils.flop_counter in
+tests/test_flops.py), MFU against the card's bf16 GEMM rate measured in the same run, and peak
+memory. Targets (issue 10, H100/H200): fast >= 4x eager in images/s at B/16, MFU >= 40%, first
+step compiled in <= 30 s.
 """
+import statistics
 import time
 
 import pytest
@@ -12,13 +24,16 @@ import torch
 
 from bench.common import SMOKE, device, record
 from pmf_fast.config import get_config
+from pmf_fast.dist import parallelize
 from pmf_fast.flops import step_flops
 from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
 from pmf_fast.muon import build_optimizers
 
-CASES = [("pMF-XS/4-test", 4)] if SMOKE else [("pMF-B/16", 128), ("pMF-L/16", 64)]
-IMPLS = ["fast", "reference", "reference-compiled"]
+VARIANTS = ["fast", "kernels", "eager", "reference", "fast+convnext"]
+CASES = ([("pMF-XS/4-test", 4, v) for v in VARIANTS] if SMOKE else
+         [("pMF-B/16", b, v) for b in (64, 128) for v in VARIANTS]
+         + [("pMF-L/16", 64, "fast"), ("pMF-H/16", 32, "fast")])
 _GEMM = {}
 
 
@@ -35,74 +50,68 @@ def gemm_tflops():
     return _GEMM["rate"]
 
 
-def step_ms(preset, impl, batch, steps=10, warmup=3):
-    """Median-free mean ms of `steps` full steps after `warmup` (compile happens in warm-up)."""
-    cfg = get_config(preset, ["objective.lpips_weight=0", "objective.convnext_weight=0"])
+def measure(preset, variant, batch, steps=8):
+    """(compile s, [ms of each timed step], peak GiB) of full training steps."""
+    impl = {"kernels": "fast", "fast+convnext": "fast"}.get(variant, variant)
+    overrides = ["objective.lpips_weight=0", f"objective.convnext_weight={0.1 if variant == 'fast+convnext' else 0}",
+                 "objective.perceptual_weights=random"]
+    cfg = get_config(preset, overrides)
     m, dev = cfg.model, device()
     torch.manual_seed(0)
-    model = PMFDiT(m).to(dev).set_impl("fast" if impl == "fast" else "eager")
+    model = PMFDiT(m).to(dev).set_impl(impl)
+    step_model = parallelize(model, impl, device=torch.device(dev), compile=variant != "kernels" and impl == "fast")
     opts = build_optimizers(model, cfg.optim)
-    jvp = "fast" if impl == "fast" else "reference"
-    loss_fn = pmf_loss if (impl == "reference" or SMOKE) else torch.compile(pmf_loss)
+    perceptual = None
+    if variant == "fast+convnext":
+        from pmf_fast.perceptual import PerceptualLoss
+        perceptual = PerceptualLoss(0.0, 0.1, "random").to(dev)
     x = torch.rand(batch, m.in_channels, m.image_size, m.image_size, device=dev) * 2 - 1
     y = torch.randint(0, m.num_classes, (batch,), device=dev)
-    gen = torch.Generator(dev).manual_seed(0)
+    gen, cpu_gen = torch.Generator(dev).manual_seed(0), torch.Generator().manual_seed(0)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev == "cuda")
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
     def one():
+        t0 = time.perf_counter()
         with amp:
-            loss, _ = loss_fn(model, x, y, sample_draws(x, cfg.objective, gen), cfg.objective, m.num_classes, None, jvp)
+            loss, _ = pmf_loss(step_model, x, y, sample_draws(x, cfg.objective, gen, cpu_gen), cfg.objective,
+                               m.num_classes, perceptual, impl)
         loss.backward()
         for o in opts:
             o.step()
             o.zero_grad(set_to_none=True)
+        sync()
+        return (time.perf_counter() - t0) * 1e3
 
-    for _ in range(1 if SMOKE else warmup):
-        one()
     if dev == "cuda":
-        torch.cuda.synchronize()
-    n = 1 if SMOKE else steps
-    t0 = time.perf_counter()
-    for _ in range(n):
-        one()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3 / n
+        torch.cuda.reset_peak_memory_stats()
+    first = one()
+    times = [one() for _ in range(1 if SMOKE else steps)]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
+    return max(0.0, (first - statistics.median(times)) / 1e3), times, peak
 
 
-def fitting_batch(preset, impl, batch):
-    """Largest batch <= `batch` (halving) that fits, with its ms/step."""
-    while batch >= 1:
-        try:
-            return batch, step_ms(preset, impl, batch)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            batch //= 2
-    raise RuntimeError(f"{preset} {impl}: not even batch 1 fits")
-
-
-@pytest.mark.parametrize("preset, batch", CASES, ids=[c[0] for c in CASES])
-def test_train_step(benchmark, preset, batch):
+@pytest.mark.parametrize("preset, batch, variant", CASES, ids=[f"{p}-b{b}-{v}" for p, b, v in CASES])
+def test_train_step(benchmark, preset, batch, variant):
     flops_img = step_flops(get_config(preset).model).total
     rate = gemm_tflops()
-    results = {}
-    for impl in IMPLS:                  # a failing baseline (e.g. compile of torch.func.jvp) is reported, not fatal
+    b = batch
+    while True:                                   # the reference halves its batch until it fits
         try:
-            results[impl] = fitting_batch(preset, impl, batch)
-        except Exception as e:
-            if impl == "fast":
-                raise
-            record(benchmark, "train step", f"{preset} {impl}: failed", float("nan"),
-                   error=f"{type(e).__name__}: {str(e)[:200]}")
-    b_fast, ms_fast = results["fast"]
-    for impl in [i for i in ("reference", "reference-compiled") if i in results]:
-        b, ms = results[impl]
-        ips_fast, ips = b_fast / ms_fast * 1e3, b / ms * 1e3
-        # speed-up in images/s (batches may differ when the reference needs a smaller one to fit)
-        record(benchmark, "train step", f"{preset} fast (batch {b_fast}) vs {impl} (batch {b})",
-               ms_fast, flops_img * b_fast, (impl, ms * b_fast / b),
-               images_per_s=round(ips_fast, 1), baseline_images_per_s=round(ips, 1),
-               gemm_bf16_tflops=round(rate, 1) if rate == rate else None,
-               mfu=round(flops_img * ips_fast / 1e12 / rate, 3) if rate == rate else None,
-               gflop_per_image=round(flops_img / 1e9, 1))
+            compile_s, times, peak = measure(preset, variant, b)
+            break
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            record(benchmark, "train step", f"{preset} {variant} batch {b}: out of memory", float("nan"))
+            if variant != "reference" or b == 1:
+                return
+            b //= 2
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    ms = statistics.median(times)
+    ips = b / ms * 1e3
+    record(benchmark, "train step", f"{preset} {variant} batch {b}", ms, flops_img * b,
+           p20_ms=round(q[1], 3), p80_ms=round(q[7], 3), compile_s=round(compile_s, 1), images_per_s=round(ips, 1),
+           peak_gib=round(peak, 2), gflop_per_image=round(flops_img / 1e9, 1),
+           gemm_bf16_tflops=round(rate, 1) if rate == rate else None,
+           mfu=round(flops_img * ips / 1e12 / rate, 3) if rate == rate else None)
     benchmark.pedantic(lambda: None, rounds=1)

@@ -47,12 +47,29 @@ def apply_checkpointing(model):
         checkpoint(block)
 
 
-def compile_blocks(model):
-    """Regional compilation: torch.compile each transformer block in place. All blocks share one
-    code object, so Dynamo compiles one graph per mode (primal without grad, primal, tangent) and
-    reuses it for every block of every depth (tests/test_compile.py counts them)."""
+def compile_blocks(model, backend="inductor"):
+    """Regional compilation: torch.compile each transformer block in place (`block.compile`, so
+    parameter names and state dicts are unchanged and hooks on `__call__` stay outside the
+    compiled region). Compile time is then that of one block, not of the whole depth.
+
+    Why every block shares one graph per mode. Dynamo traces `TransformerBlock.forward` and keeps
+    its compiled graphs in a cache on that function's code object, which all blocks share; nn
+    modules are inlined (inline_inbuilt_nn_modules, always on since torch 2.5), so a block's
+    parameters are graph inputs and its guards check the module's type and attributes, not its
+    identity. A second block of the same class therefore passes the first one's guards and runs its
+    graph. The modes of one training step are three graphs: primal under no_grad (the CFG targets'
+    v-head at batch 2B), primal with grad (the v-head at batch B) and tangent (x_dot given: the
+    shared trunk and u-head). tests/test_compile.py counts them at two depths.
+
+    dynamic=False: every graph is specialised to its shapes. With Dynamo's default (automatic
+    dynamic shapes) the grad primal graph, seen after the no_grad one at another batch size, came
+    out with a symbolic batch while the other two were static; static graphs give inductor fixed
+    sizes and make the count exact (3 per batch size). The cost is 3 more graphs for each new batch
+    size, against the per-code-object recompile limit (torch._dynamo.config.recompile_limit,
+    default 8): a fixed training batch uses 3.
+    fullgraph=True: a graph break inside a block is an error, not a silent split."""
     for block in model.blocks():
-        block.compile(fullgraph=True)
+        block.compile(backend=backend, fullgraph=True, dynamic=False)
 
 
 def apply_fsdp(model, device, shard_size=0):
@@ -77,12 +94,13 @@ def apply_fsdp(model, device, shard_size=0):
     return model
 
 
-def parallelize(model, impl, parallel="ddp", checkpointing="none", shard_size=0, device=None):
+def parallelize(model, impl, parallel="ddp", checkpointing="none", shard_size=0, device=None, compile=None):
     """The module the training step calls: `model` itself (one rank, or FSDP2 in place) or its DDP
-    wrapper. Order as torchtitan: checkpointing, then compile, then data parallelism."""
+    wrapper. Order as torchtitan: checkpointing, then compile (by default for impl "fast"), then
+    data parallelism."""
     if checkpointing == "blocks":
         apply_checkpointing(model)
-    if impl == "fast":
+    if impl == "fast" if compile is None else compile:
         compile_blocks(model)
     if world_size() == 1:
         return model
