@@ -12,6 +12,7 @@ from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
 
 from bench.common import SMOKE, record
 from pmf_fast.config import get_config
+from pmf_fast.dist import apply_checkpointing
 from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
 
@@ -30,7 +31,10 @@ def eager_fallbacks():
             os.environ["TRITON_INTERPRET"] = old
 
 
-def saved_bytes_per_image(preset, impl, batch=1, device="cpu", autocast_dtype=None):
+def saved_bytes_per_image(preset, impl, batch=1, device="cpu", autocast_dtype=None, checkpointing="none"):
+    """checkpointing "blocks": each block keeps only its inputs (x, and x_dot on the tangent pass),
+    which the checkpoint holds directly rather than through saved-tensor hooks, so they are counted
+    by a forward pre-hook; what a block saves is recomputed in backward and not counted."""
     cfg = get_config(preset)
     m = cfg.model
     torch.manual_seed(0)
@@ -57,6 +61,16 @@ def saved_bytes_per_image(preset, impl, batch=1, device="cpu", autocast_dtype=No
                 seen[id(t)] = u.numel() * u.element_size()
         return t
 
+    if checkpointing == "blocks":
+        apply_checkpointing(model)
+
+        def keep_inputs(block, args):
+            if torch.is_grad_enabled():
+                for t in args:
+                    if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in params:
+                        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        for block in model.blocks():
+            block.register_forward_pre_hook(keep_inputs)
     amp = torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     with eager_fallbacks() if device == "cpu" else contextlib.nullcontext(), amp, \
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -66,6 +80,36 @@ def saved_bytes_per_image(preset, impl, batch=1, device="cpu", autocast_dtype=No
 
 
 PRESETS = ["pMF-XS/4-test"] if SMOKE else ["pMF-B/16", "pMF-H/16"]
+GPU_GIB = 80
+
+
+def state_bytes(preset):
+    """Bytes per GPU of the training state on one rank: fp32 parameters and gradients, Muon's fp32
+    momentum or AdamW's two fp32 moments, and the fp32 EMAs (3 in the paper presets)."""
+    from pmf_fast.muon import split_params
+    cfg = get_config(preset)
+    with torch.device("meta"):
+        model = PMFDiT(cfg.model)
+    muon, adamw = split_params(model)
+    n_muon, n_adam = sum(p.numel() for p in muon), sum(p.numel() for p in adamw)
+    n = n_muon + n_adam
+    return 4 * (2 * n + n_muon + 2 * n_adam + len(cfg.train.ema_halflives_kimg) * n)
+
+
+@pytest.mark.cpu_ok
+@pytest.mark.parametrize("preset", ["pMF-XS/4-test"] if SMOKE else ["pMF-B/16", "pMF-L/16", "pMF-H/16"])
+@pytest.mark.parametrize("checkpointing", ["none", "blocks"])
+def test_batch_that_fits(benchmark, preset, checkpointing):
+    """Saved bytes per image of the fast step under bf16 autocast, and the per-GPU batch that fits in
+    80 GB beside the training state (one rank, nothing sharded): a model, not a measurement of a
+    GPU's peak (the backward's transient buffers and the allocator's slack come on top)."""
+    per_image = saved_bytes_per_image(preset, "fast", autocast_dtype=torch.bfloat16, checkpointing=checkpointing)
+    fixed = state_bytes(preset)
+    fits = max(0, int((GPU_GIB * 2**30 - fixed) // per_image))
+    record(benchmark, "saved for backward (bf16 autocast)", f"{preset} checkpointing={checkpointing}",
+           per_image / 2**20, None, unit="MiB/image", state_gib=round(fixed / 2**30, 1),
+           batch_fitting_80gb=fits)
+    benchmark.pedantic(lambda: None, rounds=1)
 
 
 @pytest.mark.cpu_ok
