@@ -62,7 +62,7 @@ def record(benchmark, group, name, ms, flops=None, baseline=None, unit="ms", **i
         row["speedup"] = round(baseline[1] / ms, 3)
         if flops is not None:
             row["baseline_tflops"] = round(flops / (baseline[1] * 1e-3) / 1e12, 2)
-    row["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)"
+    row["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else ("cpu (smoke)" if SMOKE else "cpu")
     benchmark.extra_info.update(row)
     path = os.environ.get("PMF_BENCH_OUT")
     if path:

@@ -3,6 +3,7 @@
 On CPU the kernels run in Triton's interpreter; fp32, tiny model."""
 import copy
 
+import pytest
 import torch
 
 from pmf_fast.config import get_config
@@ -104,3 +105,35 @@ def test_fast_step_saves_at_most_half_the_reference():
     fast = saved_bytes_per_image("pMF-B/16", "fast")
     print(f"saved for backward per image: fast {fast / 2**20:.0f} MiB, reference {ref / 2**20:.0f} MiB")
     assert fast <= 0.5 * ref
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only with a GPU")
+def test_a_training_step_does_not_sync_the_host():
+    """Between train.py's stop checks a step (draws, targets, JVP, loss, backward, Muon + AdamW,
+    EMAs) must queue GPU work without waiting for it: any sync raises under the debug mode."""
+    from pmf_fast.dist import parallelize
+    from pmf_fast.ema import EMAs
+    cfg, model, x, y, _ = setup(B=8)
+    model.set_impl("fast")
+    step_model = parallelize(model, "fast")
+    opts = build_optimizers(model, cfg.optim)
+    emas = EMAs(model, cfg.train.ema_halflives_kimg, 8)
+    gen, cpu_gen = torch.Generator(DEV).manual_seed(0), torch.Generator().manual_seed(0)
+
+    def one(step):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = pmf_loss(step_model, x, y, sample_draws(x, cfg.objective, gen, cpu_gen), cfg.objective,
+                               cfg.model.num_classes, None, "fast")
+        loss.backward()
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        emas.update(model, step)
+    one(1)                                       # compile and first-step allocations outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in (2, 3):
+            one(step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
