@@ -23,7 +23,9 @@ setup(
         "torch-fidelity",    # Inception-v3 (2015-12-05 graph) port and FID / IS / precision-recall
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "transformers"],   # transformers: the ConvNeXt-V2 key-map test
+        # transformers: the ConvNeXt-V2 key-map test; tensorboard: optional logging, tested when present
+        "dev": ["pytest", "pytest-benchmark", "transformers", "tensorboard"],
+        "tensorboard": ["tensorboard"],
         "dali": ["nvidia-dali-cuda120"],
     },
 )

@@ -1,0 +1,81 @@
+"""The pieces around the training loop (pmf_fast/run.py): the learning-rate schedule, config
+differences on resume, the stop signals and the log."""
+import json
+import math
+import os
+import signal
+
+import pytest
+
+from pmf_fast.config import OptimConfig, get_config
+from pmf_fast.run import Log, StopSignals, config_diff, lr_factor
+
+
+def test_lr_schedule():
+    const = OptimConfig()
+    assert [lr_factor(const, s, p) for s, p in ((0, 0.0), (10, 0.5), (99, 1.0))] == [1.0, 1.0, 1.0]   # official
+    warm = OptimConfig(warmup_steps=10)
+    assert lr_factor(warm, 0, 0.0) == 0.0 and lr_factor(warm, 5, 0.0) == 0.5 and lr_factor(warm, 50, 0.9) == 1.0
+    cos = OptimConfig(decay="cosine", min_lr_ratio=0.1)
+    assert lr_factor(cos, 0, 0.0) == pytest.approx(1.0) and lr_factor(cos, 0, 1.0) == pytest.approx(0.1)
+    assert lr_factor(cos, 0, 0.5) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(cos, 0, 0.25) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(cos, 0, 1.7) == pytest.approx(0.1)                  # past the planned end: the floor
+
+
+def test_config_diff_names_each_changed_field():
+    a = get_config("pMF-XS/4-test").to_dict()
+    b = get_config("pMF-XS/4-test", ["model.depth=5", "train.steps=9", "train.ema_halflives_kimg=(1, 2)"]).to_dict()
+    diff = {k: (x, y) for k, x, y in config_diff(a, b)}
+    assert diff == {"model.depth": (3, 5), "train.steps": (4, 9), "train.ema_halflives_kimg": ((2.0, 8.0), (1, 2))}
+    assert config_diff(a, a) == []
+
+
+def test_first_signal_asks_for_a_stop_second_ctrl_c_interrupts():
+    signals = StopSignals()
+    try:
+        assert signals.received is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.received == "SIGTERM"                         # no exit: the loop stops at its check
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_log_truncate_drops_steps_after_the_checkpoint(tmp_path):
+    log = Log(str(tmp_path), enabled=True, tensorboard=False)
+    for step in range(1, 6):
+        log.row(step, {"loss": float(step)})
+    log.truncate(3)
+    log.row(4, {"loss": 40.0})
+    lines = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [(l["step"], l["loss"]) for l in lines] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+def test_tensorboard_gets_the_scalars(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard is an optional dependency")
+    log = Log(str(tmp_path), enabled=True, tensorboard=True)
+    log.row(1, {"loss": 0.5, "img_per_s": 10.0})
+    log.close()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert {"loss", "img_per_s"} <= set(acc.Tags()["scalars"])
+    assert acc.Scalars("loss")[0].value == pytest.approx(0.5)
+
+
+def test_without_tensorboard_a_one_line_notice(tmp_path, monkeypatch, capsys):
+    import builtins
+    real = builtins.__import__
+
+    def no_tb(name, *a, **k):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("no tensorboard")
+        return real(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_tb)
+    log = Log(str(tmp_path), enabled=True, tensorboard=True)
+    log.row(1, {"loss": 0.5})
+    assert log.tb is None and "TensorBoard is not installed" in capsys.readouterr().out
+    assert (tmp_path / "log.jsonl").exists()
