@@ -14,6 +14,8 @@ import math
 import typing
 from dataclasses import dataclass, field
 
+from .atomic import atomic_write
+
 from kernels.newton_schulz import NS_COEFFICIENTS
 
 
@@ -384,5 +386,4 @@ def validate(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path) -> None:
-    with open(path, "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
+    atomic_write(path, lambda f: json.dump(cfg.to_dict(), f, indent=2), mode="w")

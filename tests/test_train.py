@@ -187,3 +187,13 @@ def test_nonfinite_skip_skips_the_update_and_goes_on(tmp_path, monkeypatch, caps
     nan_from(monkeypatch, 1)
     with pytest.raises(FloatingPointError, match="2 non-finite losses in a row"):
         run(tmp_path, "skip2", "train.steps=5", "train.nonfinite=skip", "train.max_nonfinite=2")
+
+
+def test_unwritable_out_dir_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "train.py", *BASE, "train.out_dir=/proc/pmf-fast-runs", "train.steps=1"],
+                         capture_output=True, text=True, cwd=root, timeout=120, env=dict(os.environ, PYTHONPATH=root))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().startswith("error:") and "/proc/pmf-fast-runs" in res.stderr
