@@ -14,9 +14,9 @@ import math
 import typing
 from dataclasses import dataclass, field
 
-from .atomic import atomic_write
-
 from kernels.newton_schulz import NS_COEFFICIENTS
+
+from .atomic import atomic_write
 
 
 class ConfigError(ValueError):
