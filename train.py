@@ -198,6 +198,9 @@ def main(argv=None):
             loss, logs = pmf_loss(step_model, x, y, draws, o, m.num_classes, perceptual, impl)
         if tc.nonfinite == "skip":                   # decided per step, by all ranks: one sync per step
             if dist.agree_max([~torch.isfinite(loss)], device)[0]:
+                loss.mul(0).backward()               # DDP / FSDP2 expect the backward their forward set up;
+                for opt in optimizers:               # its gradients are dropped
+                    opt.zero_grad(set_to_none=True)
                 skipped_in_a_row += 1
                 log(f"step {state.step + 1}: non-finite loss, update skipped ({skipped_in_a_row} in a row)")
                 if skipped_in_a_row >= tc.max_nonfinite:

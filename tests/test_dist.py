@@ -166,3 +166,34 @@ def test_train_and_resume_under_torchrun(tmp_path, parallel):
     assert [{k: l[k] for k in keys} for l in split] == [{k: l[k] for k in keys} for l in full]   # exact
     suffix = "dcp" if parallel == "fsdp" else "pt"
     assert sorted(os.listdir(tmp_path / "split")).count(f"ckpt_00000004.{suffix}") == 1
+
+
+def _skip_worker(rank, world, init_file, out_dir, parallel):
+    """train.nonfinite=skip on several ranks: a step whose loss is NaN still runs the backward that
+    DDP / FSDP2 set up in the forward (on loss * 0), then drops its gradients; the next step works."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cfg, model, x, y, draws = problem()
+    step_model = parallelize(model, "eager", parallel, "none", 0, torch.device("cpu"))
+    opts = build_optimizers(model, cfg.optim)
+    sl = slice(rank * B // world, (rank + 1) * B // world)
+    before = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+    loss, _ = pmf_loss(step_model, x[sl], y[sl], part(draws[0], sl), cfg.objective, cfg.model.num_classes)
+    (loss * float("nan")).mul(0).backward()                       # what train.py does on a skipped step
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    loss, _ = pmf_loss(step_model, x[sl], y[sl], part(draws[1], sl), cfg.objective, cfg.model.num_classes)
+    loss.backward()
+    for o in opts:
+        o.step()
+    after = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save({"before": before, "after": after}, os.path.join(out_dir, "skip.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_skipped_step_leaves_ddp_and_fsdp_working(tmp_path, parallel):
+    mp.spawn(_skip_worker, args=(2, str(tmp_path / "init"), str(tmp_path), parallel), nprocs=2)
+    got = torch.load(tmp_path / "skip.pt")
+    assert all(torch.isfinite(v).all() for v in got["after"].values())
+    assert any(not torch.equal(got["before"][n], got["after"][n]) for n in got["before"])
