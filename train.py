@@ -229,14 +229,15 @@ def main(argv=None):
         ckpt_step = state.step % tc.ckpt_every == 0 or state.step == steps
         if log_step or ckpt_step or state.step % tc.stop_check_every == 0:
             state.elapsed = time.time() - t_start
-            nonfinite, elapsed, signal_seen = dist.agree_max([bad, state.elapsed, signals.received is not None], device)
-            progress = elapsed / tc.time_budget_s if tc.time_budget_s else 0.0
+            nonfinite, state.elapsed, signal_seen = dist.agree_max([bad, state.elapsed, signals.received is not None],
+                                                                  device)
+            progress = state.elapsed / tc.time_budget_s if tc.time_budget_s else 0.0
             if nonfinite:
                 stop_reason = "non-finite loss"
                 break
             if signal_seen:
                 stop_reason = f"{signals.received or 'a signal'} received"
-            elif tc.time_budget_s and elapsed >= tc.time_budget_s:
+            elif tc.time_budget_s and state.elapsed >= tc.time_budget_s:
                 stop_reason = f"time budget of {tc.time_budget_s:.0f} s reached"
         if log_step:
             terms = {k: dist.all_reduce_mean(v).item() / n_sum for k, v in sums.items()}

@@ -19,13 +19,18 @@ def setup():
             torch.cuda.set_device(device)
         return 0, 1, 0, device
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    # torchrun keeps one store across restarts (--max-restarts): without a prefix per attempt, a
+    # restarted rank can read the address a killed rank of the previous attempt left there (seen
+    # on CPU with gloo: "connectFullMesh failed ... Connection refused" after a kill -9)
+    store, _, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     if torch.cuda.is_available():
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=world, device_id=device)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     return rank, world, local, device
 
 

@@ -294,8 +294,8 @@ def test_time_budget_on_two_ranks_stops_together(tmp_path, runs, rep):
     ck = load(ckpts[-1])
     train = ck["train"]
     assert 0 < train["step"] < 100000 and train["finished"], train
-    # elapsed_s is rank 0's own clock; the stop used the maximum over ranks, so it may lag by the skew
-    assert budget - 0.5 <= train["elapsed_s"] < budget + 30, train
+    # elapsed_s is the agreed (largest) clock, the one the stop was decided on
+    assert budget <= train["elapsed_s"] < budget + 30, train
     assert len(train["ranks"]) == 2                       # saved on both ranks' behalf
     assert not torch.equal(train["ranks"][0]["rng"], train["ranks"][1]["rng"])
     assert "metrics.json" in os.listdir(run_dir)           # a finished run: samples and the judge ran
