@@ -13,10 +13,12 @@ which `remove_stale_temporaries` deletes at the next start.
     save_checkpoint(run_dir, step, state)    refuse non-finite states first with all_finite(state)
     state, path = load_latest(run_dir)       newest readable checkpoint, falling back with a warning
 """
+import contextlib
 import glob
 import os
 import re
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -126,7 +128,8 @@ def save_sharded(run_dir, step, shards, meta, keep=2):
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
-        dcp.save(shards, checkpoint_id=tmp)
+        with _one_process_is_fine():
+            dcp.save(shards, checkpoint_id=tmp)
         if rank0:
             atomic_write(os.path.join(tmp, META), lambda f: torch.save(meta, f))
             shutil.rmtree(path, ignore_errors=True)
@@ -144,7 +147,16 @@ def load_sharded(path, shards):
     """Load a sharded checkpoint's tensors in place into `shards` (the same structure as saved, on
     any world size). A collective: every rank calls it."""
     import torch.distributed.checkpoint as dcp
-    dcp.load(shards, checkpoint_id=path)
+    with _one_process_is_fine():
+        dcp.load(shards, checkpoint_id=path)
+
+
+@contextlib.contextmanager
+def _one_process_is_fine():
+    """DCP warns when no process group is up; one process is a supported world size here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _barrier():

@@ -197,3 +197,15 @@ def test_a_skipped_step_leaves_ddp_and_fsdp_working(tmp_path, parallel):
     got = torch.load(tmp_path / "skip.pt")
     assert all(torch.isfinite(v).all() for v in got["after"].values())
     assert any(not torch.equal(got["before"][n], got["after"][n]) for n in got["before"])
+
+
+def test_sharded_checkpoint_resumes_on_another_world_size(tmp_path, capsys):
+    """FSDP2 on 2 ranks writes a torch.distributed.checkpoint; one process continues it (DCP reshards)."""
+    import train
+    torchrun(tmp_path, "dcp", "train.steps=2", "train.parallel=fsdp")
+    train.main(["--preset", "pMF-XS/4-test", "--name", "dcp", f"train.out_dir={tmp_path}", "train.log_every=1",
+                "train.batch_size=16", "train.parallel=fsdp", "train.steps=3"])
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "from a 2-rank run: fresh random streams" in out
+    assert [l["step"] for l in log_of(tmp_path, "dcp")] == [1, 2, 3]
+    assert os.path.isdir(tmp_path / "dcp" / "ckpt_00000003.dcp")
