@@ -115,6 +115,11 @@ def _launch(x, x_dot, w1, b1, w2, b2):
         bm, bk, bn = 16, 16, 16
     else:                                    # r = 256 (pMF-H): a smaller M tile keeps the fp32 bottleneck in registers
         bm, bk, bn = (64 if r <= 128 else 32), 64, 64
+        if x.dtype == torch.float32 and r > 128:
+            # fp32 at r = 256: a [256, 64] fp32 w2 tile is 64 KiB, and three pipeline stages of it
+            # overflow an H100/H200's 227 KiB of shared memory (the fp32 H/16 cases failed on an
+            # H200 in issue 10; bf16/fp16 passed); [256, 32] tiles are 32 KiB
+            bn = 32
     grid = (triton.cdiv(M, bm), 2 if x_dot is not None else 1)
     _patch_embed_kernel[grid](x, x_dot if x_dot is not None else x, w1f, b1.to(x.dtype), w2f, b2.to(x.dtype), y, yd,
                               M, T, G, p, K, r, D, *x.stride(), BLOCK_M=bm, BLOCK_K=bk,
