@@ -45,10 +45,10 @@ def part(d, sl):
                                      if torch.is_tensor(getattr(d, f.name))})
 
 
-def train_steps(rank, world, parallel, dtype=torch.float32, checkpointing="none"):
+def train_steps(rank, world, parallel, dtype=torch.float32, checkpointing="none", shard_size=0):
     """Params after STEPS optimizer steps, each rank on its slice of the global batch."""
     cfg, model, x, y, draws = problem(dtype)
-    step_model = parallelize(model, "eager", parallel, checkpointing, 0, torch.device("cpu"))
+    step_model = parallelize(model, "eager", parallel, checkpointing, shard_size, torch.device("cpu"))
     opts = build_optimizers(model, cfg.optim)
     sl = slice(rank * B // world, (rank + 1) * B // world)
     losses = []
@@ -63,10 +63,10 @@ def train_steps(rank, world, parallel, dtype=torch.float32, checkpointing="none"
     return full, torch.stack(losses)
 
 
-def _worker(rank, world, init_file, out_dir, parallel):
+def _worker(rank, world, init_file, out_dir, parallel, shard_size):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    params, losses = train_steps(rank, world, parallel)
+    params, losses = train_steps(rank, world, parallel, shard_size=shard_size)
     dist.all_reduce(losses)
     if rank == 0:
         torch.save({"params": params, "losses": losses / world}, os.path.join(out_dir, "out.pt"))
@@ -79,9 +79,10 @@ def single():
     return train_steps(0, 1, "ddp", torch.float64), train_steps(0, 1, "ddp", torch.float32)
 
 
-@pytest.mark.parametrize("parallel, world", [("ddp", 2), ("fsdp", 2), ("fsdp", 3)])
-def test_data_parallel_equals_one_process(tmp_path, single, parallel, world):
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), parallel), nprocs=world)
+@pytest.mark.parametrize("parallel, world, shard_size", [("ddp", 2, 0), ("fsdp", 2, 0), ("fsdp", 3, 0), ("fsdp", 4, 2)],
+                         ids=["ddp-2", "fsdp-2", "fsdp-3", "hsdp-2x2"])
+def test_data_parallel_equals_one_process(tmp_path, single, parallel, world, shard_size):
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), parallel, shard_size), nprocs=world)
     got = torch.load(tmp_path / "out.pt")
     (p64, l64), (p32, l32) = single
     assert_close_by_rule(got["losses"], l64, l32, "losses")
