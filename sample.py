@@ -30,7 +30,7 @@ from pmf_fast.atomic import atomic_write, clean_temporaries
 from pmf_fast.checkpoint import CheckpointError
 from pmf_fast.config import ConfigError, validate
 from pmf_fast.meanflow import to_uint8
-from pmf_fast.sampling import load_for_sampling, sample_images, save_grid
+from pmf_fast.sampling import load_for_sampling, row_labels, sample_images, save_grid
 
 
 class OutputError(OSError):
@@ -116,7 +116,7 @@ def main(argv=None):
         if rank == 0:
             images = torch.cat([sample_images(model, cfg, labels[i:i + a.batch].to(device), seeds[i:i + a.batch]).cpu()
                                 for i in range(0, n, a.batch)])
-            save_grid(images, a.out, nrow=a.per_row)
+            save_grid(images, a.out, nrow=a.per_row, labels=row_labels(labels, a.per_row))
             print(f"wrote {n} samples to {a.out}")
         dist.cleanup()
         return
