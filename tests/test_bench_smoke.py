@@ -37,7 +37,8 @@ def test_bench_smoke(tmp_path):
     assert {"attention fwd+tangent", "attention fwd", "attention bwd", "newton-schulz pMF-B step",
             "patch embed (image + tangent)", "saved for backward (fp32)", "train step", "data loader (256 px)"} <= groups
     assert all(r["ms"] > 0 and r["device"] == "cpu (smoke)" for r in rows)
-    assert all(r["baseline_ms"] > 0 for r in rows if r["group"] not in ("data loader (256 px)", "train step"))
+    kernels = ("attention", "newton-schulz", "patch embed", "saved for backward (fp32)")
+    assert all(r["baseline_ms"] > 0 for r in rows if r["group"].startswith(kernels))   # measured beside
     steps = {r["name"].split()[1] for r in rows if r["group"] == "train step"}
     assert steps == {"fast", "kernels", "eager", "reference", "fast+convnext"}     # one row per way of running it
     assert all(r["images_per_s"] > 0 and "compile_s" in r for r in rows if r["group"] == "train step")
