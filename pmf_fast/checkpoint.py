@@ -49,13 +49,6 @@ def is_sharded(path):
     return path.endswith(".dcp")
 
 
-def latest_checkpoint(run_dir):
-    found = list_checkpoints(run_dir)
-    if not found:
-        raise CheckpointError(f"no checkpoint (ckpt_<step>.pt) in {run_dir!r} to resume from")
-    return found[-1][1]
-
-
 def remove_stale_temporaries(run_dir):
     """Delete the temporary checkpoint files (ckpt_<step>.pt.tmp.<pid>) that a killed process left in
     run_dir; returns their paths. Call once at start, before any checkpoint is written."""
@@ -68,11 +61,6 @@ def remove_stale_temporaries(run_dir):
 
 
 # ---------------------------------------------------------------------------- save
-
-def save_atomic(obj, path):
-    """torch.save(obj) to path, atomically (kept for callers of the old name)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
-
 
 def all_finite(state):
     """False if any floating-point tensor in a nested state (dicts, lists, tuples) holds NaN or Inf.
@@ -103,7 +91,7 @@ def save_checkpoint(run_dir, step, state, keep=2):
     checkpoints are left intact."""
     path = os.path.join(run_dir, f"ckpt_{step:08d}.pt")
     try:
-        save_atomic(state, path)
+        atomic_write(path, lambda f: torch.save(state, f))
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {os.path.basename(path)} in {run_dir!r}: "
                               f"{e.strerror or e} (full disk or no write permission?); "
