@@ -91,14 +91,18 @@ def main(argv=None):
         from tqdm import tqdm
         bar = tqdm(total=steps, dynamic_ncols=True)
     log = Log(run_dir, is_main, tc.tensorboard, bar)
+    compiled = tc.compile == "blocks" or (tc.compile == "auto" and impl == "fast")
+    if compiled and device.type == "cpu" and not dist.cxx_compiler():
+        log("train.compile: no C++ compiler for torch.compile on the CPU (g++, or set $CXX); blocks run eager")
+        compiled = False
     log(f"run {run_dir}: {cfg.preset}, {n_images} images, {n_classes} classes, {steps} steps of {tc.batch_size} "
         f"({world} ranks, {device.type}, {'bf16' if bf16 else 'fp32'}, impl {impl}, {tc.parallel if world > 1 else 'one rank'}"
-        f", checkpointing {tc.checkpointing})")
+        f", blocks {'compiled' if compiled else 'eager'}, checkpointing {tc.checkpointing})")
 
     # ---------------------------------------------------------------- model, parallelism, optimizers, EMAs, losses
     torch.manual_seed(tc.seed)                       # the same init on every rank (DDP broadcasts rank 0's anyway)
     model = PMFDiT(m, t_eps=o.t_eps).to(device).set_impl(impl)
-    step_model = dist.parallelize(model, impl, tc.parallel, tc.checkpointing, tc.shard_size, device)
+    step_model = dist.parallelize(model, impl, tc.parallel, tc.checkpointing, tc.shard_size, device, compiled)
     optimizers = build_optimizers(model, cfg.optim)
     emas = EMAs(model, tc.ema_halflives_kimg, tc.batch_size)
     perceptual = None

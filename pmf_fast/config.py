@@ -103,6 +103,8 @@ class TrainConfig:
                                    # overlapped with backward) or "fsdp" (FSDP2 fully_shard per block)
     shard_size: int = 0            # fsdp only: ranks per shard group; 0 = all ranks (FSDP), a divisor of the
                                    # world size = HSDP (shard within groups, replicate across them)
+    compile: str = "auto"          # torch.compile per block: "blocks", "none", or "auto" = blocks for impl fast;
+                                   # on a CPU "blocks" needs a C++ compiler (README "Training on a CPU")
     checkpointing: str = "none"    # activation checkpointing: "none" or "blocks" (recompute each block in backward)
     nonfinite: str = "stop"        # on a non-finite loss: "stop" (checkpoint kept from before) or "skip" the update
     max_nonfinite: int = 10        # "skip": stop after this many non-finite steps in a row
@@ -364,6 +366,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.parallel={t.parallel!r}: use 'ddp' or 'fsdp'")
     if t.shard_size < 0:
         raise ConfigError(f"train.shard_size={t.shard_size} must be >= 0 (0 = shard over all ranks)")
+    if t.compile not in ("auto", "blocks", "none"):
+        raise ConfigError(f"train.compile={t.compile!r}: use 'auto', 'blocks' or 'none'")
     if t.checkpointing not in ("none", "blocks"):
         raise ConfigError(f"train.checkpointing={t.checkpointing!r}: use 'none' or 'blocks'")
     if t.nonfinite not in ("stop", "skip"):

@@ -6,6 +6,8 @@ Every block takes the tangent through its module call (pmf_fast/layers.py), so t
 wrappers hang on `__call__` see every use of every parameter, on the JVP pass as on the primal one.
 """
 import os
+import shutil
+import sys
 
 import torch
 import torch.distributed as dist
@@ -75,6 +77,11 @@ def compile_blocks(model, backend="inductor"):
     fullgraph=True: a graph break inside a block is an error, not a silent split."""
     for block in model.blocks():
         block.compile(backend=backend, fullgraph=True, dynamic=False)
+
+
+def cxx_compiler():
+    """The C++ compiler inductor builds CPU kernels with ($CXX, else g++; clang++ on macOS), or None."""
+    return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"))
 
 
 def apply_fsdp(model, device, shard_size=0):

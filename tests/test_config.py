@@ -72,6 +72,7 @@ def test_overrides_and_roundtrip(tmp_path):
     (["train.parallel=zero3"], r"train\.parallel='zero3': use 'ddp' or 'fsdp'"),
     (["train.shard_size=-2"], r"train\.shard_size=-2 must be >= 0"),
     (["train.checkpointing=all"], r"train\.checkpointing='all': use 'none' or 'blocks'"),
+    (["train.compile=inductor"], r"train\.compile='inductor': use 'auto', 'blocks' or 'none'"),
     (["train.nonfinite=ignore"], r"train\.nonfinite='ignore': use 'stop' or 'skip'"),
     (["train.max_nonfinite=0"], r"train\.max_nonfinite=0 must be >= 1"),
     (["train.stop_check_every=0"], r"train\.stop_check_every=0 must be >= 1"),
@@ -94,7 +95,7 @@ def test_unknown_preset():
     ["sample.ema=raw"], ["sample.ema=auto"], ["sample.ema=500"], ["sample.ema=1000.0"],
     ["train.ema_halflives_kimg=(1,2)", "sample.ema=2"], ["train.sample_every=0", "train.eval_every=0"],
     ["train.time_budget_s=0"], ["train.parallel=fsdp", "train.shard_size=8", "train.checkpointing=blocks"],
-    ["train.nonfinite=skip", "train.max_nonfinite=1", "train.stop_check_every=1"],
+    ["train.nonfinite=skip", "train.max_nonfinite=1", "train.stop_check_every=1", "train.compile=blocks"],
     ["optim.warmup_steps=0", "optim.decay=cosine", "optim.min_lr_ratio=0", "optim.min_lr_ratio=1"],
 ])
 def test_edge_values_accepted(overrides):

@@ -131,6 +131,34 @@ def test_cfg_target_matches_official_three_pass():
     assert not torch.equal(w2, omega)                         # some samples fall outside the interval
 
 
+def test_unguided_targets_skip_the_unconditional_pass():
+    """cfg_max = 0: omega is 1 everywhere, so v_g = v_t and the unguided path's one conditional pass
+    gives the v_c of the doubled pass, and the same loss and gradients."""
+    cfg, model, x, y, d = tiny_setup(B=6, cfg_max=0.0)
+    assert (d.omega == 1).all()
+    z, v_t = x + d.e, torch.randn_like(x)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    v_g1, v_c1 = cfg_targets(model, z, d.t, d.omega, d.t_min, d.t_max, y, v_t, 10, guided=True)
+    v_g0, v_c0 = cfg_targets(model, z, d.t, d.omega, d.t_min, d.t_max, y, v_t, 10, guided=False)
+    hook.remove()
+    assert calls == [12, 6]
+    assert torch.equal(v_g0, v_t) and torch.allclose(v_g1, v_t, rtol=0, atol=0)
+    assert torch.allclose(v_c0, v_c1, rtol=1e-12, atol=1e-12)
+
+    out = []
+    for cfg_max in (0.0, 1e-300):        # 1e-300: guided path, omega still 1 to double precision
+        cfg.objective.cfg_max = cfg_max
+        model.zero_grad()
+        loss, _ = pmf_loss(model, x, y, d, cfg.objective, 10)
+        loss.backward()
+        out.append((loss.detach(), grads(model)))
+    (l0, g0), (l1, g1) = out
+    assert torch.allclose(l0, l1, rtol=1e-12)
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-9, atol=1e-12), n
+
+
 def tiny_setup(B=4, **obj):
     cfg = get_config("pMF-XS/4-test", [f"objective.{k}={v}" for k, v in obj.items()])
     model = wake_up(PMFDiT(cfg.model).double())

@@ -197,3 +197,25 @@ def test_unwritable_out_dir_is_a_one_line_error(tmp_path):
                          capture_output=True, text=True, cwd=root, timeout=120, env=dict(os.environ, PYTHONPATH=root))
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip().startswith("error:") and "/proc/pmf-fast-runs" in res.stderr
+
+
+def test_compile_blocks_trains_as_eager_and_needs_a_cxx_compiler_on_cpu(tmp_path, monkeypatch, capsys):
+    """train.compile=blocks compiles every block (here on aot_eager: inductor's C++ build of the CPU
+    kernels takes ~45 s) and trains as the eager blocks do; on a CPU without a C++ compiler it says
+    so in one line and runs the blocks eager."""
+    from pmf_fast import dist
+    calls = []
+    real = dist.compile_blocks
+    monkeypatch.setattr(dist, "compile_blocks", lambda model: calls.append(model) or real(model, backend="aot_eager"))
+    common = ["train.steps=3", "train.log_every=1", "train.batch_size=8"]
+    eager = losses(run(tmp_path, "eager", *common, "train.compile=none"))
+    assert calls == []
+    compiled = losses(run(tmp_path, "compiled", *common, "train.compile=blocks"))
+    assert len(calls) == 1 and "blocks compiled" in capsys.readouterr().out
+    for a, b in zip(eager, compiled, strict=True):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (k, a, b)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    run(tmp_path, "no_cxx", *common, "train.compile=blocks")
+    out = capsys.readouterr().out
+    assert len(calls) == 1 and "no C++ compiler" in out and "blocks eager" in out
