@@ -117,7 +117,7 @@ def cfg_targets(model, z, t, omega, t_min, t_max, y, v_t, null_class, guided=Tru
     The v-head is evaluated with h = 0 and interval [0, 1].
 
     guided=False (objective.cfg_max = 0, omega is 1 everywhere): v_g = v_t and the unconditional
-    half would be multiplied by 0, so only the conditional half runs (a sixth of a CPU digits step)."""
+    half would be multiplied by 0, so only the conditional half runs."""
     w = torch.where((t >= t_min) & (t <= t_max), omega, torch.ones_like(omega))
     n = z.shape[0]
     zeros, ones = torch.zeros_like(t), torch.ones_like(t)
