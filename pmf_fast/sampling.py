@@ -2,6 +2,7 @@
 class grids, PNG output, loading our checkpoints and official ones, the periodic FID of a model and
 the digits judge. The metrics themselves (eval.py, judge.py) take images, never models, so the
 imports run one way: sampling -> eval, judge; nothing imports sampling back."""
+import functools
 import math
 
 import numpy as np
@@ -157,12 +158,19 @@ def fid_of_model(model, cfg, num, extractor, ref_stats, device, rank=0, world=1,
     return fid(stats(feats), ref_stats) if rank == 0 else None
 
 
+@functools.lru_cache(maxsize=2)
+def digits_judge(image_size):
+    """(judge, held-out labels) for digits at this size. The judge is deterministic (a fixed split
+    and seed), so a process trains it once: 4 s a run on a 2-core CPU, paid by every test run."""
+    from .data.digits import load_digits_split
+    from .judge import DigitsJudge
+    (x_tr, y_tr), (x_te, y_te) = load_digits_split(image_size)
+    return DigitsJudge(x_tr.numpy(), y_tr.numpy(), x_te.numpy(), y_te.numpy()), y_te
+
+
 def judge_digits(model, cfg, device, seed=1):
     """Metrics of the digits judge (pmf_fast/judge.py) for one-step samples of `model`: as many
     samples as held-out digits, with the held-out labels."""
-    from .data.digits import load_digits_split
-    from .judge import DigitsJudge
-    (x_tr, y_tr), (x_te, y_te) = load_digits_split(cfg.model.image_size)
-    judge = DigitsJudge(x_tr.numpy(), y_tr.numpy(), x_te.numpy(), y_te.numpy())
+    judge, y_te = digits_judge(cfg.model.image_size)
     samples = sample_images(model, cfg, y_te.to(device), seed * 1_000_000 + torch.arange(len(y_te)))
     return judge.score(samples.cpu().numpy(), y_te.numpy())
