@@ -183,7 +183,7 @@ def _paper(*, image_size, patch_size, hidden_size, depth, num_heads, bottleneck,
 
 def _tiny(*, image_size, patch_size, hidden_size, depth, num_heads, aux_head_depth, data, batch_size, steps,
           time_budget_s=0.0, lr=2e-3, warmup_steps=0, decay="none", stop_check_every=10, noise_scale=1.0,
-          data_proportion=0.5, norm_p=1.0, omega=1.0) -> Config:
+          data_proportion=0.5, norm_p=1.0) -> Config:
     """A small preset for CPUs: fewer in-context tokens, no perceptual nets, short EMAs.
     Time sampler: logit-normal(0, 1) with 10% uniform (t, r), as in the paper's longer-training
     recipe; on the digits default it took the judge's Frechet distance at 900 steps from 8.2 to 4.6
@@ -201,7 +201,9 @@ def _tiny(*, image_size, patch_size, hidden_size, depth, num_heads, aux_head_dep
     c.train = TrainConfig(data=data, batch_size=batch_size, steps=steps, time_budget_s=time_budget_s,
                           ema_halflives_kimg=(2.0, 8.0), num_workers=0, log_every=50, sample_every=0, ckpt_every=300,
                           stop_check_every=stop_check_every)
-    c.sample = SampleConfig(omega=omega, t_min=0.0, t_max=1.0, ema="auto", grid_per_class=10)
+    # omega 1 (no guidance): on digits, guidance narrowed the samples (omega 1.25 on the preset's two
+    # measured runs: distance 1.44x and 2.05x the baseline against 1.35x and 1.63x at omega 1)
+    c.sample = SampleConfig(omega=1.0, t_min=0.0, t_max=1.0, ema="auto", grid_per_class=10)
     return c
 
 
@@ -229,15 +231,14 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {
     # planned end, not a cut. lr 1e-2 with 30 warm-up steps: Muon's orthogonalised update is small at
     # this width (cosine from 2e-3 or 5e-3 did worse). Noise scale 0.4, a quarter of the batch with
     # r = t, batch 64 and adaptive-weight power 0.5 came from the README ablation (2-core CPU, equal
-    # time): each raised the within-class spread or lowered the Frechet distance. Measured `python
-    # train.py`: 1.44x the real baseline, 85% of the real spread, 99.2% recognised at omega 1.25
-    # (omega 1: 1.35x, 87%, 97.5%, the judge's own accuracy on real digits). The budget is checked
-    # every step (one CPU rank: no sync to save), so a busy machine does not overshoot it.
+    # time): each raised the within-class spread or lowered the Frechet distance. Two measured
+    # `python train.py` runs: 1.35x and 1.63x the real baseline, 87% and 79% of the real spread,
+    # 97.5% and 99.4% recognised (target: 2x, 80%, 100%). The budget is checked every step (one CPU
+    # rank: no sync to save), so a busy machine does not overshoot it.
     "pMF-T/4-digits": lambda: _tiny(image_size=16, patch_size=4, hidden_size=128, depth=6, num_heads=4,
                                     aux_head_depth=2, data="digits", batch_size=64, steps=2000,
                                     time_budget_s=570.0, lr=1e-2, warmup_steps=30, decay="cosine",
-                                    stop_check_every=1, noise_scale=0.4, data_proportion=0.25, norm_p=0.5,
-                                    omega=1.25),
+                                    stop_check_every=1, noise_scale=0.4, data_proportion=0.25, norm_p=0.5),
     # A few-step smoke preset for tests.
     "pMF-XS/4-test": lambda: _tiny(image_size=16, patch_size=4, hidden_size=32, depth=3, num_heads=2,
                                    aux_head_depth=1, data="digits", batch_size=8, steps=4),
