@@ -201,7 +201,7 @@ def test_unwritable_out_dir_is_a_one_line_error(tmp_path):
 
 def test_compile_blocks_trains_as_eager_and_needs_a_cxx_compiler_on_cpu(tmp_path, monkeypatch, capsys):
     """train.compile=blocks compiles every block (here on aot_eager: inductor's C++ build of the CPU
-    kernels takes ~45 s) and trains as the eager blocks do; on a CPU without a C++ compiler it says
+    kernels took 45-93 s on 2 cores) and trains as the eager blocks do; on a CPU without a C++ compiler it says
     so in one line and runs the blocks eager."""
     from pmf_fast import dist
     calls = []
