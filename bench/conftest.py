@@ -16,7 +16,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cpu_ok" not in item.keywords:         # device-independent measurements run anywhere
             item.add_marker(skip)
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cpu_ok: a device-independent benchmark that also runs on the CPU")

@@ -159,5 +159,10 @@ def barrier():
 
 
 def cleanup():
+    """End of a run on every rank: wait for all, then tear down. Without the barrier a rank that is done
+    first closes its connections while another still works (rank 0 sampling, saving): gloo then
+    aborted the late rank's process at its own teardown (SIGABRT, "terminate called without an
+    active exception"; once in a CI run of tests/test_dist.py)."""
     if is_dist():
+        dist.barrier()
         dist.destroy_process_group()

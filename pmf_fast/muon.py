@@ -19,6 +19,9 @@ import torch.distributed as dist
 
 from kernels.newton_schulz import NS_COEFFICIENTS, newton_schulz_ref
 
+# torch 2.14 renamed all_gather_into_tensor to all_gather_single (the old name warns); 2.11 has the old one
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def split_params(model):
     """(muon, adamw) parameter lists. The label table is 2-D but is an embedding: AdamW."""
@@ -139,7 +142,7 @@ class Muon(torch.optim.Optimizer):
             local = torch.cat([mine[i].reshape(-1).to(dtype) for i in sorted(mine)])
             flat[:local.numel()] = local
         gathered = torch.empty(world * max(sizes), dtype=dtype, device=flat.device)   # flat: gloo needs it
-        dist.all_gather_into_tensor(gathered, flat)
+        _all_gather_single(gathered, flat)
         gathered = gathered.view(world, max(sizes))
         out, offset = [None] * len(updates), [0] * world
         for i, u in enumerate(updates):

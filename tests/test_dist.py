@@ -1,8 +1,10 @@
 """Data parallelism on PyTorch's engines (CPU, gloo, 2 and 3 processes): DDP and FSDP2 take the
 same optimizer steps as one process over the same global batch, Muon's Newton-Schulz shared out
 over ranks gives the single-rank update, and train.py runs and resumes under torchrun."""
+import contextlib
 import copy
 import dataclasses
+import faulthandler
 import json
 import os
 import subprocess
@@ -14,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pmf_fast.config import get_config
-from pmf_fast.dist import parallelize
+from pmf_fast.dist import cleanup, parallelize
 from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
 from pmf_fast.muon import Muon, assign_owners, build_optimizers, ns_cost
@@ -22,6 +24,16 @@ from tests.conftest import assert_close_by_rule, wake_up
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, STEPS = 12, 2                              # global batch (divisible by 2 and 3 ranks), optimizer steps
+
+
+@contextlib.contextmanager
+def gloo_group(rank, world, init_file):
+    """A spawned worker's process group, torn down as train.py does (all ranks arrive, then close);
+    faulthandler names the Python line should gloo abort the process."""
+    faulthandler.enable()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    yield
+    cleanup()
 
 
 def problem(dtype=torch.float32):
@@ -64,13 +76,12 @@ def train_steps(rank, world, parallel, dtype=torch.float32, checkpointing="none"
 
 
 def _worker(rank, world, init_file, out_dir, parallel, shard_size):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    params, losses = train_steps(rank, world, parallel, shard_size=shard_size)
-    dist.all_reduce(losses)
-    if rank == 0:
-        torch.save({"params": params, "losses": losses / world}, os.path.join(out_dir, "out.pt"))
-    dist.destroy_process_group()
+    with gloo_group(rank, world, init_file):
+        torch.set_num_threads(1)
+        params, losses = train_steps(rank, world, parallel, shard_size=shard_size)
+        dist.all_reduce(losses)
+        if rank == 0:
+            torch.save({"params": params, "losses": losses / world}, os.path.join(out_dir, "out.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +122,10 @@ def test_owners_balance_newton_schulz_cost():
 
 
 def _muon_worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    out = muon_steps()
-    if rank == 0:
-        torch.save(out, os.path.join(out_dir, "muon.pt"))
-    dist.destroy_process_group()
+    with gloo_group(rank, world, init_file):
+        out = muon_steps()
+        if rank == 0:
+            torch.save(out, os.path.join(out_dir, "muon.pt"))
 
 
 def muon_steps(distributed=None, dtype=torch.float32):
@@ -172,24 +182,23 @@ def test_train_and_resume_under_torchrun(tmp_path, parallel):
 def _skip_worker(rank, world, init_file, out_dir, parallel):
     """train.nonfinite=skip on several ranks: a step whose loss is NaN still runs the backward that
     DDP / FSDP2 set up in the forward (on loss * 0), then drops its gradients; the next step works."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    cfg, model, x, y, draws = problem()
-    step_model = parallelize(model, "eager", parallel, "none", 0, torch.device("cpu"))
-    opts = build_optimizers(model, cfg.optim)
-    sl = slice(rank * B // world, (rank + 1) * B // world)
-    before = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
-    loss, _ = pmf_loss(step_model, x[sl], y[sl], part(draws[0], sl), cfg.objective, cfg.model.num_classes)
-    (loss * float("nan")).mul(0).backward()                       # what train.py does on a skipped step
-    for o in opts:
-        o.zero_grad(set_to_none=True)
-    loss, _ = pmf_loss(step_model, x[sl], y[sl], part(draws[1], sl), cfg.objective, cfg.model.num_classes)
-    loss.backward()
-    for o in opts:
-        o.step()
-    after = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in model.named_parameters()}
-    if rank == 0:
-        torch.save({"before": before, "after": after}, os.path.join(out_dir, "skip.pt"))
-    dist.destroy_process_group()
+    with gloo_group(rank, world, init_file):
+        cfg, model, x, y, draws = problem()
+        step_model = parallelize(model, "eager", parallel, "none", 0, torch.device("cpu"))
+        opts = build_optimizers(model, cfg.optim)
+        sl = slice(rank * B // world, (rank + 1) * B // world)
+        before = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+        loss, _ = pmf_loss(step_model, x[sl], y[sl], part(draws[0], sl), cfg.objective, cfg.model.num_classes)
+        (loss * float("nan")).mul(0).backward()                       # what train.py does on a skipped step
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss, _ = pmf_loss(step_model, x[sl], y[sl], part(draws[1], sl), cfg.objective, cfg.model.num_classes)
+        loss.backward()
+        for o in opts:
+            o.step()
+        after = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"before": before, "after": after}, os.path.join(out_dir, "skip.pt"))
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])

@@ -242,6 +242,8 @@ class Jitter:
                     os.kill(pid, signal.SIGSTOP)
                     self.pauses += 1
                     self.done.wait(self.random.uniform(0.02, 0.2))
+                except ProcessLookupError:              # the worker ended between the listing and now
+                    workers = {}
                 finally:
                     try:
                         os.kill(pid, signal.SIGCONT)
