@@ -125,6 +125,23 @@ def test_fast_impl_compiles_one_graph_per_mode_and_matches_eager():
     assert_same(compiled_out, eager_out)
 
 
+@pytest.mark.parametrize("impl", ["eager", "fast"])
+def test_compiled_block_tangent_is_stop_gradient(impl):
+    """A compiled block returns its output differentiable and its tangent not, as the eager block
+    does (torch 2.11 compiled the fast block's tangent as requiring grad until the block detached it)."""
+    cfg, model, x, y = setup(2, impl, batch=2)
+    block = model.blocks()[0]
+    T, D = model.rope_cos.shape[0], block.attn_scale.shape[0]
+    h = torch.randn(2, T, D, requires_grad=True)
+    h_dot = torch.randn(2, T, D)
+    want_y, want_dot = block(h, model.rope, h_dot)
+    block.compile(backend=aot_eager, fullgraph=True, dynamic=False)
+    got_y, got_dot = block(h, model.rope, h_dot)
+    assert got_y.requires_grad and not got_dot.requires_grad
+    torch.testing.assert_close(got_y, want_y)
+    torch.testing.assert_close(got_dot, want_dot)
+
+
 def test_new_batch_size_adds_one_graph_per_mode_only():
     """dynamic=False: a second batch size compiles its own static graphs, once, for all blocks."""
     cfg, model, x, y = setup(4, "eager", batch=4)
