@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from kernels.newton_schulz import NS_COEFFICIENTS, newton_schulz_ref
 
-# torch 2.14 renamed all_gather_into_tensor to all_gather_single (the old name warns); 2.11 has the old one
+# torch 2.14 deprecates all_gather_into_tensor (a warning) for all_gather_single, which 2.11 lacks
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
