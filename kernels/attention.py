@@ -284,15 +284,25 @@ if triton is not None:
             _store(DQ, base, rows, row_ok, dims_t, D, dq_t * scale)
 
 
-# Tile sizes: in the interpreter 32 x 32 (its cost is per tile op: N = 276, D = 80 runs forward +
-# tangent and both Triton backwards in 19 s instead of 80 s with 16 x 16, on this project's 2-core CPU;
-# N = 36 still spans two ragged blocks). On GPU 64 x 64 tiles with 4 warps (tangent at D > 64: more
-# registers, so BLOCK_N 32). Not tuned on a GPU yet: bench/bench_attention.py is where a change has
-# to show its numbers.
-def _blocks(D, tangent):
-    if _interpreting():
-        return 32, 32
-    return (64, 32) if tangent and D > 64 else (64, 64)
+# Tiles and warps per kernel: dict(BLOCK_M, BLOCK_N, num_warps); BLOCK_M is always the query tile
+# and BLOCK_N the key tile. Registers and spills below are Triton's sm_90 compile of each launch
+# (bench/kernel_resources.py, triton 3.8; bf16, N = 276); which tiles are fastest is for the GPU
+# to say: bench/bench_attention.py::test_forward_tangent_tiles times the spill-free candidates.
+#   forward+tangent at D = 64: 64 x 64, 4 warps: 225 registers (128 x 64 with 4 warps spills 1 KiB);
+#     at D = 80 the tail tiles need more: 64 x 32 (218 registers; 64 x 64 sits at 254).
+#   one-pass backward at D = 80: 4 warps spill 64 B, 8 warps fit (244 registers).
+#   fp32 (IEEE products: no tensor cores; only the tests run it): 32 x 32. At 64 x 64 every fp32
+#     launch but one spilled, 0.9-15 KiB per thread; at 32 x 32 only forward+tangent does (4.7-5.9 KiB).
+# In the interpreter 32 x 32 (its cost is per tile op: N = 276, D = 80 runs forward + tangent and
+# both Triton backwards in 19 s instead of 80 s with 16 x 16, on this project's 2-core CPU; N = 36
+# still spans two ragged blocks).
+def _tiles(kind, D, dtype):
+    """kind: "forward", "tangent" (forward+tangent), "backward" (both two-pass kernels) or "onepass"."""
+    if _interpreting() or dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4)
+    if kind == "tangent" and D > 64:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if kind == "onepass" and D > 64 else 4)
 
 
 def _dim_blocks(D):
@@ -316,7 +326,8 @@ def _check(*ts):
                              f"{tuple(q.shape)} {q.dtype} vs {tuple(t.shape)} {t.dtype}")
 
 
-def _fwd(q, k, v, qd=None, kd=None, vd=None):
+def _fwd(q, k, v, qd=None, kd=None, vd=None, tiles=None):
+    """(o, o_dot, lse); o_dot is o when no tangent is given. tiles: _tiles' dict, to override."""
     B, H, N, D = q.shape
     tangent = qd is not None
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -327,12 +338,11 @@ def _fwd(q, k, v, qd=None, kd=None, vd=None):
         qd, kd, vd = qd.contiguous(), kd.contiguous(), vd.contiguous()
     else:
         qd = kd = vd = q
-    BM, BN = _blocks(D, tangent)
+    tiles = tiles or _tiles("tangent" if tangent else "forward", D, q.dtype)
     BD, BT = _dim_blocks(D)
-    grid = (triton.cdiv(N, BM), B * H)
-    _attn_fwd_kernel[grid](q, k, v, qd, kd, vd, o, od, lse, N, D, 1.0 / math.sqrt(D),
-                           BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_T=BT, HAS_TANGENT=tangent,
-                           IEEE=q.dtype == torch.float32, num_warps=4)
+    grid = (triton.cdiv(N, tiles["BLOCK_M"]), B * H)
+    _attn_fwd_kernel[grid](q, k, v, qd, kd, vd, o, od, lse, N, D, 1.0 / math.sqrt(D), BLOCK_D=BD, BLOCK_T=BT,
+                           HAS_TANGENT=tangent, IEEE=q.dtype == torch.float32, **tiles)
     return o, od, lse
 
 
@@ -393,16 +403,16 @@ def _bwd_triton(do, q, k, v, o, lse, onepass=False):
     delta = (do.float() * o.float()).sum(-1)                     # D_i = rowsum(dO o O), [B, H, N]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if onepass else dk
-    BM, BN = _blocks(D, False)
+    tiles = _tiles("onepass" if onepass else "backward", D, q.dtype)
     BD, BT = _dim_blocks(D)
-    kw = dict(BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, BLOCK_T=BT, IEEE=q.dtype == torch.float32, num_warps=4)
+    kw = dict(BLOCK_D=BD, BLOCK_T=BT, IEEE=q.dtype == torch.float32, **tiles)
     scale = 1.0 / math.sqrt(D)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(N, BN), B * H)](q, k, v, do, lse, delta, dk, dv, dq_acc, N, D, scale,
+    _attn_bwd_dkdv_kernel[(triton.cdiv(N, tiles["BLOCK_N"]), B * H)](q, k, v, do, lse, delta, dk, dv, dq_acc, N, D, scale,
                                                        DQ_ATOMIC=onepass, **kw)
     if onepass:
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty_like(q)
-    _attn_bwd_dq_kernel[(triton.cdiv(N, BM), B * H)](q, k, v, do, lse, delta, dq, N, D, scale, **kw)
+    _attn_bwd_dq_kernel[(triton.cdiv(N, tiles["BLOCK_M"]), B * H)](q, k, v, do, lse, delta, dq, N, D, scale, **kw)
     return dq, dk, dv
 
 

@@ -99,6 +99,24 @@ def _check(x, w1, b1, w2, b2, x_dot=None):
         raise ValueError("x_dot must match x in shape and dtype")
 
 
+def _tiles(r, dtype):
+    """Tile sizes, warps and pipeline stages for bottleneck width r. Shared memory per program, as
+    Triton compiles it for sm_90 (bench/kernel_resources.py; limit 227 KiB):
+      bf16 / fp16, 3 stages: r = 128: 120 KiB; r = 256 (M tile 32, 8 warps: the fp32 bottleneck
+        stays in registers): 136 KiB.
+      fp32, 3 stages: r = 128: 192 KiB; r = 256: 304 KiB with [256, 64] w2 tiles, 240 KiB with
+        [256, 32]: over the limit, the H/16 fp32 failures of issue 10 on an H200 (the tool gives the
+        same verdict as that run for every case: only fp32 r = 256 over). fp32 therefore pipelines
+        2 stages: 112 and 136 KiB, within an A100's 163 KiB too. fp32 is a test dtype, not a training
+        one: its IEEE products do not use tensor cores, so the stages buy little there."""
+    if _interpreting():
+        return dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16)
+    big = r > 128
+    tiles = dict(BLOCK_M=32 if big else 64, BLOCK_K=64, BLOCK_N=32 if big and dtype == torch.float32 else 64,
+                 num_warps=8 if big else 4)
+    return {**tiles, "num_stages": 2} if dtype == torch.float32 else tiles
+
+
 def _launch(x, x_dot, w1, b1, w2, b2):
     B, C, H, W = x.shape
     r, p, D = w1.shape[0], w1.shape[-1], w2.shape[0]
@@ -111,20 +129,11 @@ def _launch(x, x_dot, w1, b1, w2, b2):
     w1f, w2f = w1.reshape(r, K).to(x.dtype).contiguous(), w2.reshape(D, r).to(x.dtype).contiguous()
     y = torch.empty(B, T, D, device=x.device, dtype=x.dtype)
     yd = torch.empty_like(y) if x_dot is not None else y
-    if _interpreting():
-        bm, bk, bn = 16, 16, 16
-    else:                                    # r = 256 (pMF-H): a smaller M tile keeps the fp32 bottleneck in registers
-        bm, bk, bn = (64 if r <= 128 else 32), 64, 64
-        if x.dtype == torch.float32 and r > 128:
-            # fp32 at r = 256: a [256, 64] fp32 w2 tile is 64 KiB, and three pipeline stages of it
-            # overflow an H100/H200's 227 KiB of shared memory (the fp32 H/16 cases failed on an
-            # H200 in issue 10; bf16/fp16 passed); [256, 32] tiles are 32 KiB
-            bn = 32
-    grid = (triton.cdiv(M, bm), 2 if x_dot is not None else 1)
+    tiles = _tiles(r, x.dtype)
+    grid = (triton.cdiv(M, tiles["BLOCK_M"]), 2 if x_dot is not None else 1)
     _patch_embed_kernel[grid](x, x_dot if x_dot is not None else x, w1f, b1.to(x.dtype), w2f, b2.to(x.dtype), y, yd,
-                              M, T, G, p, K, r, D, *x.stride(), BLOCK_M=bm, BLOCK_K=bk,
-                              BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=bn,
-                              IEEE=x.dtype == torch.float32, num_warps=4 if r <= 128 else 8)
+                              M, T, G, p, K, r, D, *x.stride(), BLOCK_R=max(16, triton.next_power_of_2(r)),
+                              IEEE=x.dtype == torch.float32, **tiles)
     return y, yd
 
 
