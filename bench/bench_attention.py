@@ -6,15 +6,17 @@ Targets (issue 10, H100/H200): forward + tangent >= 350 TFLOP/s at D = 64 and >=
 (D = 80 at least 80% of D = 64); backward >= 1.0x SDPA's backward. Measured before the head-dim
 split and the backward variants (H200, 2026-11): forward + tangent 286 / 148 TFLOP/s at D = 64 / 80,
 two-pass backward 0.54x / 0.40x SDPA's. kernels.attention.BACKWARD must name the variant that
-test_backward measures fastest.
+test_backward measures fastest. test_forward_tangent_tiles times the forward+tangent kernel at
+each tile size that compiles without spilling on sm_90 (python -m bench.kernel_resources --sweep),
+so one GPU run says which tiles kernels.attention._tiles should choose.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bench.common import SMOKE, device, record, time_ms
-from kernels.attention import (BACKWARDS, _fwd, _torch_flash_supports, attention, attention_bwd, attention_jvp,
-                               attention_ref, default_backward)
+from kernels.attention import (BACKWARDS, _fwd, _tiles, _torch_flash_supports, attention, attention_bwd,
+                               attention_jvp, attention_ref, default_backward)
 
 SHAPES = [(2, 2, 36, 80)] if SMOKE else [(128, h, 276, d) for h, d in ((12, 64), (16, 80))]
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
@@ -51,6 +53,30 @@ def test_forward_tangent(benchmark, shape):
     record(benchmark, "attention fwd+tangent", f"{shape}", ours, 3 * fwd_flops(*shape),
            ("torch.func.jvp(math attention)", base), **info)
     benchmark.pedantic(lambda: attention_jvp(*args), rounds=1 if SMOKE else 5, iterations=1)
+
+
+# Forward+tangent tiles (BLOCK_M, BLOCK_N, warps) that compile for sm_90 without spilling, bf16,
+# N = 276 (bench/kernel_resources.py --sweep, triton 3.8): per head dim, the default first.
+TILES = {64: [(64, 64, 4), (64, 32, 4), (64, 64, 8), (128, 32, 8), (128, 64, 8)],
+         80: [(64, 32, 4), (64, 64, 4), (64, 32, 8), (128, 32, 8), (128, 64, 8)]}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}xH{}xN{}xD{}".format(*s))
+def test_forward_tangent_tiles(benchmark, shape):
+    """The forward+tangent kernel at each candidate tile size against the default tiles, same run;
+    each candidate's output must equal the default's (tiles change only the order of the sums)."""
+    args = inputs(shape)
+    default = _tiles("tangent", shape[-1], DTYPE)
+    ref = _fwd(*args, tiles=default)
+    base = time_ms(lambda: _fwd(*args, tiles=default))
+    for bm, bn, warps in TILES[shape[-1]][:2 if SMOKE else None]:
+        tiles = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+        out = _fwd(*args, tiles=tiles)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+        record(benchmark, "attention fwd+tangent tiles", f"{shape} {bm}x{bn} {warps} warps", time_ms(lambda: _fwd(*args, tiles=tiles)),
+               3 * fwd_flops(*shape), ("default tiles {BLOCK_M}x{BLOCK_N} {num_warps} warps".format(**default), base))
+    benchmark.pedantic(lambda: _fwd(*args, tiles=default), rounds=1, iterations=1)
 
 
 def flash_attn_baseline():
