@@ -45,13 +45,24 @@ def test_values_and_tangent(case, dtype, channels_last):
     assert torch.equal(patch_embed(x, *w), y)
 
 
-def test_weight_gradients_match_the_model_convs():
+@pytest.fixture
+def no_tf32():
+    """fp32 products in full precision in both the reference (cuDNN: TF32 by default, ~1e-3 off) and
+    the op's cuBLAS backward (train.py turns TF32 on for matmuls: a test that ran train.main earlier
+    in the same process would leave it on)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_weight_gradients_match_the_model_convs(no_tf32):
     case = CASES[0]
     x, xd, _, emb = make(case, torch.float32)
     dy = torch.randn(x.shape[0], (x.shape[-1] // case[3]) ** 2, case[5], device=DEV)
     params = [emb.proj1.weight, emb.proj1.bias, emb.proj2.weight, emb.proj2.bias]
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):   # cuDNN's default TF32 is ~1e-3 off
-        ref = torch.autograd.grad(emb(x), params, dy)
+    ref = torch.autograd.grad(emb(x), params, dy)
     for fn in (lambda: patch_embed(x, *params), lambda: patch_embed_jvp(x, xd, *params)[0]):
         got = torch.autograd.grad(fn(), params, dy)
         for g, r in zip(got, ref):
