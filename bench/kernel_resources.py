@@ -39,8 +39,11 @@ try:
 except ImportError:
     triton = None
 
-ARCH = 90                       # sm_90: H100 and H200
-SHARED_LIMIT = 232448           # bytes of shared memory one block may use on sm_90 (227 KiB)
+ARCH = 90                       # the default target: sm_90, H100 and H200
+# Bytes of shared memory one block may use (CUDA's per-block opt-in maximum) per compute capability:
+# A100 163 KiB, RTX 30xx / L4 / L40 99 KiB, H100 / H200 227 KiB.
+SHARED_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+SHARED_LIMIT = SHARED_LIMITS[ARCH]
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64", torch.int32: "i32"}
 
 
@@ -147,12 +150,12 @@ def resources(kernel):
     return dict(registers=int(fields["REG"]), spill=int(fields["STACK"]), shared=kernel.metadata.shared)
 
 
-def problems(label, res):
+def problems(label, res, arch=ARCH):
     """What is wrong with a launch's resources: shared memory over the limit (it cannot launch), or
     spilled registers in a training dtype (bf16, fp16; fp32 runs only in the tests)."""
-    out = []
-    if res["shared"] > SHARED_LIMIT:
-        out.append(f"{res['shared'] / 1024:.1f} KiB of shared memory, over sm_{ARCH}'s {SHARED_LIMIT / 1024:.0f} KiB "
+    out, limit = [], SHARED_LIMITS[arch]
+    if res["shared"] > limit:
+        out.append(f"{res['shared'] / 1024:.1f} KiB of shared memory, over sm_{arch}'s {limit / 1024:.0f} KiB "
                    "(OutOfResources at launch): smaller tiles or fewer num_stages")
     if res["spill"] and "fp32" not in label:
         out.append(f"{res['spill']} bytes per thread spilled at {res['registers']} registers: smaller tiles or more warps")
@@ -176,15 +179,15 @@ def uncovered():
 SWEEP = [(bm, bn, w) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)]
 
 
-def sweep(dtype=torch.bfloat16):
+def sweep(dtype=torch.bfloat16, arch=ARCH):
     """Every attention launch at each SWEEP tile: the candidates to time on a GPU."""
     for label, fn, args, kw in launches((dtype,)):
         if label.startswith("attention"):
             for bm, bn, w in SWEEP:
                 o = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
                 try:
-                    res = resources(compile_launch(fn, args, kw, **o))
-                    print(row(label, res, {**kw, **o}), *problems(label, res), flush=True)
+                    res = resources(compile_launch(fn, args, kw, arch, **o))
+                    print(row(label, res, {**kw, **o}), *problems(label, res, arch), flush=True)
                 except Exception as e:                              # e.g. out of registers at compile
                     print(f"{label:<52} {o}: {type(e).__name__}: {str(e).splitlines()[0][:80]}", flush=True)
 
@@ -193,21 +196,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all-dtypes", action="store_true", help="fp16 and fp32 too (the GPU tests run them), not only bf16")
     ap.add_argument("--sweep", action="store_true", help="also compile attention at each candidate tile size")
+    ap.add_argument("--arch", type=int, default=ARCH, choices=sorted(SHARED_LIMITS),
+                    help="compute capability to compile for (default 90: H100/H200; 80: A100)")
     a = ap.parse_args()
     if triton is None:
         raise SystemExit("triton is not installed: pip install triton (Linux)")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("TRITON_INTERPRET=1 turns the kernels into interpreted functions, which do not compile "
                          "for a GPU: run without it")
-    print(f"triton {triton.__version__}, sm_{ARCH}, shared memory limit {SHARED_LIMIT / 1024:.0f} KiB")
+    print(f"triton {triton.__version__}, sm_{a.arch}, shared memory limit {SHARED_LIMITS[a.arch] / 1024:.0f} KiB")
     bad = [f"{n}: never launched by bench/kernel_resources.py launches(): add it there" for n in uncovered()]
     for label, fn, args, kw in launches((torch.bfloat16, torch.float16, torch.float32) if a.all_dtypes else (torch.bfloat16,)):
-        res = resources(compile_launch(fn, args, kw))
-        issues = problems(label, res)
+        res = resources(compile_launch(fn, args, kw, a.arch))
+        issues = problems(label, res, a.arch)
         bad += [f"{label}: {p}" for p in issues]
         print(row(label, res, kw), "PROBLEM" if issues else "ok", flush=True)
     if a.sweep:
-        sweep()
+        sweep(arch=a.arch)
     if bad:
         raise SystemExit("\n".join(["problems:"] + bad))
 
