@@ -7,12 +7,13 @@ Targets (issue 10, H100/H200): forward + tangent >= 350 TFLOP/s at D = 64 and >=
 split and the backward variants (H200, 2026-11): forward + tangent 286 / 148 TFLOP/s at D = 64 / 80,
 two-pass backward 0.54x / 0.40x SDPA's. kernels.attention.BACKWARD must name the variant that
 test_backward measures fastest. test_forward_tangent_tiles times the forward+tangent kernel at
-each tile size that compiles without spilling on sm_90 (python -m bench.kernel_resources --sweep),
-so one GPU run says which tiles kernels.attention._tiles should choose.
+the six tile sizes that compile without spilling for sm_90 (python -m bench.kernel_resources
+--sweep), so one GPU run says which tiles kernels.attention._tiles should choose.
 """
 import pytest
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
 from bench.common import SMOKE, device, record, time_ms
 from kernels.attention import (BACKWARDS, _fwd, _tiles, _torch_flash_supports, attention, attention_bwd,
@@ -55,27 +56,35 @@ def test_forward_tangent(benchmark, shape):
     benchmark.pedantic(lambda: attention_jvp(*args), rounds=1 if SMOKE else 5, iterations=1)
 
 
-# Forward+tangent tiles (BLOCK_M, BLOCK_N, warps) that compile for sm_90 without spilling, bf16,
-# N = 276 (bench/kernel_resources.py --sweep, triton 3.8): per head dim, the default first.
-TILES = {64: [(64, 64, 4), (64, 32, 4), (64, 64, 8), (128, 32, 8), (128, 64, 8)],
-         80: [(64, 32, 4), (64, 64, 4), (64, 32, 8), (128, 32, 8), (128, 64, 8)]}
+# Forward+tangent tiles (BLOCK_M, BLOCK_N, warps) that compile without spilling for sm_90 in bf16 at
+# N = 276, at D = 64 and at D = 80: six of the twelve of python -m bench.kernel_resources --sweep
+# (triton 3.8); the others, 128-key tiles and 128-query tiles on 4 warps, spill (and at D = 80 the
+# 128-key tiles exceed the shared memory).
+TILES = [(64, 64, 4), (64, 32, 4), (64, 64, 8), (64, 32, 8), (128, 32, 8), (128, 64, 8)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}xH{}xN{}xD{}".format(*s))
 def test_forward_tangent_tiles(benchmark, shape):
-    """The forward+tangent kernel at each candidate tile size against the default tiles, same run;
-    each candidate's output must equal the default's (tiles change only the order of the sums)."""
+    """The forward+tangent kernel at each candidate tile size against its default tiles in the same
+    run (the default's own row, a second timing of it, shows the noise); each candidate's outputs
+    must be close to the default's (other tiles round P and order the sums differently). A tile
+    that does not fit a smaller card's shared memory is a row, not a failure."""
     args = inputs(shape)
     default = _tiles("tangent", shape[-1], DTYPE)
     ref = _fwd(*args, tiles=default)
-    base = time_ms(lambda: _fwd(*args, tiles=default))
-    for bm, bn, warps in TILES[shape[-1]][:2 if SMOKE else None]:
-        tiles = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
-        out = _fwd(*args, tiles=tiles)
+    base = ("default tiles {BLOCK_M}x{BLOCK_N} {num_warps} warps".format(**default),
+            time_ms(lambda: _fwd(*args, tiles=default)))
+    for bm, bn, warps in TILES[:2] if SMOKE else TILES:
+        tiles, name = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps), f"{shape} {bm}x{bn} {warps} warps"
+        try:
+            out = _fwd(*args, tiles=tiles)
+        except OutOfResources as e:
+            record(benchmark, "attention fwd+tangent tiles", f"{name}: {e}", float("nan"))
+            continue
         for a, b in zip(out, ref):
             torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
-        record(benchmark, "attention fwd+tangent tiles", f"{shape} {bm}x{bn} {warps} warps", time_ms(lambda: _fwd(*args, tiles=tiles)),
-               3 * fwd_flops(*shape), ("default tiles {BLOCK_M}x{BLOCK_N} {num_warps} warps".format(**default), base))
+        record(benchmark, "attention fwd+tangent tiles", name, time_ms(lambda: _fwd(*args, tiles=tiles)),
+               3 * fwd_flops(*shape), base)
     benchmark.pedantic(lambda: _fwd(*args, tiles=default), rounds=1, iterations=1)
 
 

@@ -292,7 +292,7 @@ if triton is not None:
 #     at D = 80 the tail tiles need more: 64 x 32 (218 registers; 64 x 64 sits at 254).
 #   one-pass backward at D = 80: 4 warps spill 64 B, 8 warps fit (244 registers).
 #   fp32 (IEEE products: no tensor cores; only the tests run it): 32 x 32. At 64 x 64 every fp32
-#     launch but one spilled, 0.9-15 KiB per thread; at 32 x 32 only forward+tangent does (4.7-5.9 KiB).
+#     launch spilled, 0.9-15 KiB per thread; at 32 x 32 only forward+tangent does (4.7-5.9 KiB).
 # In the interpreter 32 x 32 (its cost is per tile op: N = 276, D = 80 runs forward + tangent and
 # both Triton backwards in 19 s instead of 80 s with 16 x 16, on this project's 2-core CPU; N = 36
 # still spans two ragged blocks).
@@ -407,8 +407,8 @@ def _bwd_triton(do, q, k, v, o, lse, onepass=False):
     BD, BT = _dim_blocks(D)
     kw = dict(BLOCK_D=BD, BLOCK_T=BT, IEEE=q.dtype == torch.float32, **tiles)
     scale = 1.0 / math.sqrt(D)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(N, tiles["BLOCK_N"]), B * H)](q, k, v, do, lse, delta, dk, dv, dq_acc, N, D, scale,
-                                                       DQ_ATOMIC=onepass, **kw)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(N, tiles["BLOCK_N"]), B * H)](q, k, v, do, lse, delta, dk, dv, dq_acc,
+                                                                     N, D, scale, DQ_ATOMIC=onepass, **kw)
     if onepass:
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty_like(q)
