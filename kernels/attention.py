@@ -291,15 +291,20 @@ if triton is not None:
 #   forward+tangent at D = 64: 64 x 64, 4 warps: 225 registers (128 x 64 with 4 warps spills 1 KiB);
 #     at D = 80 the tail tiles need more: 64 x 32 (218 registers; 64 x 64 sits at 254).
 #   one-pass backward at D = 80: 4 warps spill 64 B, 8 warps fit (244 registers).
-#   fp32 (IEEE products: no tensor cores; only the tests run it): 32 x 32. At 64 x 64 every fp32
-#     launch spilled, 0.9-15 KiB per thread; at 32 x 32 only forward+tangent does (4.7-5.9 KiB).
+#   fp32 (IEEE products: no tensor cores; only the tests run it): 32 x 32, 8 warps, 2 stages. At
+#     64 x 64 with 4 warps every fp32 launch spilled, 0.9-15 KiB per thread; now only forward+tangent
+#     does (3.2-6.0 KiB), every launch fits an A100's shared memory too, and the 15 fp32 launches of
+#     bench/kernel_resources.py compile in 27 s instead of 46 s (32 x 32 with 4 warps, 3 stages) on
+#     this project's 2-core CPU: compile time the GPU tests pay.
 # In the interpreter 32 x 32 (its cost is per tile op: N = 276, D = 80 runs forward + tangent and
 # both Triton backwards in 19 s instead of 80 s with 16 x 16, on this project's 2-core CPU; N = 36
 # still spans two ragged blocks).
 def _tiles(kind, D, dtype):
     """kind: "forward", "tangent" (forward+tangent), "backward" (both two-pass kernels) or "onepass"."""
-    if _interpreting() or dtype == torch.float32:
+    if _interpreting():
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
     if kind == "tangent" and D > 64:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if kind == "onepass" and D > 64 else 4)
