@@ -56,8 +56,10 @@ trap 'status="killed (SIGTERM) during: $stage"; exit 143' TERM
 trap 'status="interrupted (SIGINT) during: $stage"; exit 130' INT
 
 # run_stage LIMIT NAME PYTEST-ARGS...: one pytest run under `timeout` (cut to the budget left), its
-# output (failures named: -rfE) in a section of $log, then the report rewritten. The run is in the
-# background so that a signal reaches the trap at once (bash runs traps only between commands).
+# output in a section of $log (-v: a line per test as it ends, so a stage cut by its limit shows how
+# far it got; -rfE: every failure named; --durations: the slowest tests, to retune the limits), then
+# the report rewritten. The run is in the background so that a signal reaches the trap at once
+# (bash runs traps only between commands).
 run_stage() {
     local limit=$1 left=$((budget - (SECONDS - start))) t0=$SECONDS rc
     stage=$2
@@ -70,7 +72,8 @@ run_stage() {
     fi
     echo "[$((SECONDS - start)) s] $stage (limit $limit s)"
     echo "=== $stage (limit $limit s)" >>"$log"
-    timeout -k 5 "$limit" python -m pytest -q -rfE -p no:cacheprovider --benchmark-disable "$@" >>"$log" 2>&1 &
+    timeout -k 5 "$limit" python -m pytest -v -rfE --durations=15 -p no:cacheprovider --benchmark-disable "$@" \
+        >>"$log" 2>&1 &
     child=$!
     wait "$child"
     rc=$?
