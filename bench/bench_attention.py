@@ -13,6 +13,7 @@ the six tile sizes that compile without spilling for sm_90 (python -m bench.kern
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.runtime.errors import OutOfResources
 
 from bench.common import SMOKE, device, record, time_ms
@@ -110,26 +111,48 @@ def test_forward(benchmark, shape):
     benchmark.pedantic(lambda: attention(q, k, v), rounds=1 if SMOKE else 5, iterations=1)
 
 
+def sdpa_backend(q):
+    """The backend SDPA picks for q, k, v = q (FLASH_ATTENTION, CUDNN_ATTENTION, ...), by name."""
+    try:
+        return SDPBackend(torch._fused_sdp_choice(q, q, q)).name
+    except Exception as e:                      # a private function: say so rather than fail
+        return f"unknown ({type(e).__name__})"
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}xH{}xN{}xD{}".format(*s))
 def test_backward(benchmark, shape):
     """Each backward variant from the same saved O and LSE, and the autograd backward that
-    attention() runs by default, against SDPA's backward (autograd through SDPA's output)."""
+    attention() runs by default, against SDPA's backward (autograd through SDPA's output). Every
+    row names the backend SDPA chose; the default backward is also compared with SDPA pinned to
+    each fused backend this build has (flash: FA2, what "torch_flash" runs; cuDNN), so a faster
+    SDPA backend than the one we feed shows up."""
     q, k, v = inputs(shape, 3, grad=True)
     do = torch.randn_like(q)
     o_sdpa = F.scaled_dot_product_attention(q, k, v)
     base = time_ms(lambda: torch.autograd.grad(o_sdpa, (q, k, v), do, retain_graph=True))
     flops = 2.5 * fwd_flops(*shape)
+    chosen = sdpa_backend(q)
     with torch.no_grad():
         o, _, lse = _fwd(q, k, v)
     for variant in BACKWARDS:
         if variant == "torch_flash" and q.is_cuda and not _torch_flash_supports(q):
             continue
         ms = time_ms(lambda: attention_bwd(do, q, k, v, o, lse, variant))
-        record(benchmark, "attention bwd", f"{shape} {variant}", ms, flops, ("SDPA backward", base))
+        record(benchmark, "attention bwd", f"{shape} {variant}", ms, flops, ("SDPA backward", base),
+               sdpa_backend=chosen)
     o_ours = attention(q, k, v)
     ours = time_ms(lambda: torch.autograd.grad(o_ours, (q, k, v), do, retain_graph=True))
-    record(benchmark, "attention bwd", f"{shape} autograd (default: {default_backward(q)})", ours, flops,
-           ("SDPA backward", base))
+    default = f"{shape} autograd (default: {default_backward(q)})"
+    record(benchmark, "attention bwd", default, ours, flops, ("SDPA backward", base), sdpa_backend=chosen)
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                o_pinned = F.scaled_dot_product_attention(q, k, v)
+        except RuntimeError:                    # not in this build or not for this input: no row
+            continue
+        pinned = time_ms(lambda: torch.autograd.grad(o_pinned, (q, k, v), do, retain_graph=True))
+        record(benchmark, "attention bwd", f"{default} vs SDPA {backend.name}", ours, flops,
+               (f"SDPA backward ({backend.name})", pinned), sdpa_backend=backend.name)
     fa = flash_attn_baseline()
     if fa is not None and not SMOKE:
         o_fa = fa(q, k, v)
