@@ -78,7 +78,8 @@ run_stage() {
     wait "$child"
     rc=$?
     child=""
-    echo "=== exit $rc after $((SECONDS - t0)) s" >>"$log"
+    # on a line of its own: a run cut by its limit leaves its last line unfinished (-v's test name)
+    printf '\n=== exit %s after %s s\n' "$rc" $((SECONDS - t0)) >>"$log"
     report "running, after: $stage"
 }
 

@@ -47,11 +47,12 @@ def read_stages(path):
     for line in open(path, errors="replace"):
         line = line.rstrip("\n")
         start = re.match(r"=== (.+) \(limit (\d+) s\)$", line)
-        end = re.match(r"=== exit (\d+) after (\d+) s$", line)
+        end = re.search(r"=== exit (\d+) after (\d+) s$", line)      # also after a cut-off line
         if start:
             runs.append({"stage": start.group(1), "limit": int(start.group(2)), "lines": [], "exit": None})
         elif end and runs:
             runs[-1]["exit"], runs[-1]["seconds"] = int(end.group(1)), int(end.group(2))
+            runs[-1]["lines"].append(line[:end.start()])
         elif runs:
             runs[-1]["lines"].append(line)
     for r in runs:

@@ -29,8 +29,8 @@ FAILED tests/test_patch_embed.py::test_weight_gradients_match_the_model_convs - 
 2 failed, 3 passed in 20.00s
 === exit 1 after 22 s
 === GPU tests: tests/test_fast_step.py (limit 45 s)
-....
-=== exit 124 after 45 s
+tests/test_fast_step.py::test_a PASSED
+tests/test_fast_step.py::test_b === exit 124 after 45 s
 === GPU tests: tests/test_attention.py (limit 0 s)
 === exit 124 after 0 s
 === train step: pMF-L/16 or pMF-H/16 (limit 30 s)
