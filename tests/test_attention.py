@@ -124,6 +124,28 @@ def test_torch_flash_backward_on_gpu(D):
         assert_close_by_rule(gi, ri, ei, f"torch_flash d{n}")
 
 
+@pytest.mark.parametrize("D", [64, 80])
+def test_torch_flash_backward_call_fits_this_torch(D):
+    """The CUDA call of the torch_flash backward (an aten op with a private, version-dependent
+    schema) is accepted by the installed torch, on any machine: fake CUDA tensors run the op's shape
+    function instead of FA2. v and dO come strided, as the model passes them (transposes of
+    [B, N, H, D]); the op's own flash forward declares the LSE layout that we store."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kernels.attention import _bwd_torch_flash
+    B, H, N = 2, 3, 276
+    with FakeTensorMode():
+        q, k, o = (torch.empty(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        v, do = (torch.empty(B, N, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+        lse = torch.empty(B, H, N, device="cuda", dtype=torch.float32)
+        grads = _bwd_torch_flash(do, q, k, v, o, lse)
+        fwd_lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[1]
+    assert fwd_lse.shape == lse.shape and fwd_lse.dtype == lse.dtype
+    for g in grads:
+        assert g.shape == (B, H, N, D) and g.dtype == torch.bfloat16 and g.device.type == "cuda"
+        assert g.is_contiguous()                  # what the custom op's fake declares
+
+
 def test_lse_matches_torch_flash_forward():
     """Our saved log-sum-exp is torch's flash forward's, on whichever device runs (CUDA or CPU)."""
     dtype = torch.bfloat16 if GPU else torch.float32
