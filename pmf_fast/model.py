@@ -92,16 +92,29 @@ class PMFDiT(nn.Module):
                 self.t_max_tokens + self.cfg_t_end_embedder(t_max)[:, None],
                 self.time_tokens + h_embed[:, None]]
 
-    def _heads_forward(self, seq, heads):
-        for block in self.shared_blocks:
-            seq = block(seq, self.rope)
-        out = {}
-        for name in heads:
-            s = seq
-            for block in getattr(self, f"{name}_heads"):
-                s = block(s, self.rope)
-            out[name] = self.unpatchify(getattr(self, f"{name}_final_layer")(s[:, self.prefix_tokens:]))
-        return out
+    def _blocks(self, blocks, seq, seq_dot):
+        """Run blocks over seq, and over its tangent too when one is given."""
+        for block in blocks:
+            if seq_dot is None:
+                seq = block(seq, self.rope)
+            else:
+                seq, seq_dot = block(seq, self.rope, seq_dot)
+        return seq, seq_dot
+
+    def _head(self, name, seq, seq_dot, x, x_dot, t, t_dot):
+        """One head ("u" or "v") from the trunk's tokens to a velocity (and its tangent)."""
+        seq, seq_dot = self._blocks(getattr(self, f"{name}_heads"), seq, seq_dot)
+        final, P = getattr(self, f"{name}_final_layer"), self.prefix_tokens
+        if seq_dot is None:
+            return self._to_velocity(x, self.unpatchify(final(seq[:, P:])), t), None
+        x_hat, x_hat_dot = final.jvp(seq[:, P:], seq_dot[:, P:])
+        x_hat, x_hat_dot = self.unpatchify(x_hat), self.unpatchify(x_hat_dot)
+        u = self._to_velocity(x, x_hat, t)
+        with torch.no_grad():
+            tc = t.clamp(min=self.t_eps).view(-1, 1, 1, 1)
+            tc_dot = (t_dot * (t > self.t_eps)).view(-1, 1, 1, 1)     # the clamp's derivative is 0 below t_eps
+            u_dot = (x_dot - x_hat_dot) / tc - u.detach() * tc_dot / tc
+        return u, u_dot
 
     def _to_velocity(self, x, x_hat, t):
         return (x - x_hat) / t.clamp(min=self.t_eps).view(-1, 1, 1, 1)
@@ -114,45 +127,32 @@ class PMFDiT(nn.Module):
 
         With the tangents (x_dot, t_dot, h_dot) it returns ((u, v), u_dot): u_dot is the tangent of u
         along them with every other input held fixed (the MeanFlow total derivative along (v, 0, 1)),
-        computed without autograd; the v-head stays primal (the loss needs no tangent of it). The
-        tangent rides through every block's module call, so hooks on __call__ see it."""
+        computed without autograd; u is always computed then, and the v-head stays primal (the loss
+        needs no tangent of it). The tangent rides through every block's module call, so hooks on
+        __call__ see it."""
         if "v" in heads and not self.aux_head:
             raise ValueError("this model was built without the aux v-head (eval checkpoint)")
-        if x_dot is None:
-            seq = torch.cat(self._prefix(self.h_embedder(h), omega, t_min, t_max, y) + [self.x_embedder(x)], 1)
-            x_hat = self._heads_forward(seq + self.pos_embed, heads)
-            return tuple(self._to_velocity(x, x_hat[k], t) if k in x_hat else None for k in "uv")
-        return self._forward_with_tangent(x, x_dot, t, t_dot, h, h_dot, omega, t_min, t_max, y, heads)
-
-    def _forward_with_tangent(self, x, x_dot, t, t_dot, h, h_dot, omega, t_min, t_max, y, heads):
-        h_embed, h_embed_dot = self.h_embedder.jvp(h, h_dot)
-        x_embed, x_embed_dot = self.x_embedder.jvp(x, x_dot)
-        prefix = self._prefix(h_embed, omega, t_min, t_max, y)
-        seq = torch.cat(prefix + [x_embed], 1) + self.pos_embed
-        with torch.no_grad():
-            n0 = self.prefix_tokens - self.cfg.num_time_tokens   # tokens before the time tokens: tangent 0
-            seq_dot = torch.cat([x_embed_dot.new_zeros(x.shape[0], n0, x_embed_dot.shape[-1]),
-                                 h_embed_dot[:, None].expand(-1, self.cfg.num_time_tokens, -1).to(x_embed_dot.dtype),
-                                 x_embed_dot], 1)
-        for block in self.shared_blocks:
-            seq, seq_dot = block(seq, self.rope, seq_dot)
-        u_seq, u_dot = seq, seq_dot
-        for block in self.u_heads:
-            u_seq, u_dot = block(u_seq, self.rope, u_dot)
-        x_hat, x_hat_dot = self.u_final_layer.jvp(u_seq[:, self.prefix_tokens:], u_dot[:, self.prefix_tokens:])
-        x_hat, x_hat_dot = self.unpatchify(x_hat), self.unpatchify(x_hat_dot)
-        u = self._to_velocity(x, x_hat, t)
-        with torch.no_grad():
-            tc = t.clamp(min=self.t_eps).view(-1, 1, 1, 1)
-            tc_dot = (t_dot * (t > self.t_eps)).view(-1, 1, 1, 1)     # the clamp's derivative is 0 below t_eps
-            u_dot = (x_dot - x_hat_dot) / tc - u.detach() * tc_dot / tc
-        v = None
+        tangent = x_dot is not None
+        if tangent:
+            h_embed, h_embed_dot = self.h_embedder.jvp(h, h_dot)
+            x_embed, x_embed_dot = self.x_embedder.jvp(x, x_dot)
+        else:
+            h_embed, x_embed = self.h_embedder(h), self.x_embedder(x)
+        seq = torch.cat(self._prefix(h_embed, omega, t_min, t_max, y) + [x_embed], 1) + self.pos_embed
+        seq_dot = None
+        if tangent:
+            with torch.no_grad():                              # only the time tokens and the patches move
+                n0 = self.prefix_tokens - self.cfg.num_time_tokens
+                time_dot = h_embed_dot[:, None].expand(-1, self.cfg.num_time_tokens, -1).to(x_embed_dot.dtype)
+                seq_dot = torch.cat([x_embed_dot.new_zeros(x.shape[0], n0, x_embed_dot.shape[-1]), time_dot,
+                                     x_embed_dot], 1)
+        seq, seq_dot = self._blocks(self.shared_blocks, seq, seq_dot)
+        u = u_dot = v = None
+        if "u" in heads or tangent:
+            u, u_dot = self._head("u", seq, seq_dot, x, x_dot, t, t_dot)
         if "v" in heads:
-            v_seq = seq
-            for block in self.v_heads:
-                v_seq = block(v_seq, self.rope)
-            v = self._to_velocity(x, self.unpatchify(self.v_final_layer(v_seq[:, self.prefix_tokens:])), t)
-        return (u, v), u_dot
+            v, _ = self._head("v", seq, None, x, None, t, None)
+        return ((u, v), u_dot) if tangent else (u, v)
 
 
 def num_params(model: nn.Module, eval_only: bool = True) -> int:
