@@ -117,7 +117,9 @@ def rope_cos_sin(head_dim: int, num_patches: int, theta: float = 10000.0):
     rows = (pos[:, None, None] * freqs).expand(side, side, -1)   # angle depends on the row index
     cols = (pos[None, :, None] * freqs).expand(side, side, -1)   # ... and on the column index
     ang = torch.cat([rows, cols], dim=-1).reshape(num_patches, half)
-    return torch.cos(ang).float(), torch.sin(ang).float()  # model.double() makes them fp64
+    # kept in fp64 and cast where used (apply_rope): a model moved to fp64 then rotates by the exact
+    # angles, where tables rounded to fp32 first were off by up to 6e-8
+    return torch.cos(ang), torch.sin(ang)
 
 
 def apply_rope(x, cos, sin):
@@ -125,6 +127,7 @@ def apply_rope(x, cos, sin):
     (conditioning) tokens are left as they are. Linear in x, so the tangent uses the same op."""
     T = cos.shape[0]
     x32 = upcast(x)
+    cos, sin = cos.to(x32.dtype), sin.to(x32.dtype)          # no-op when the tables already have it
     pre, img = x32[:, :, :-T], x32[:, :, -T:]
     a, b = img[..., 0::2], img[..., 1::2]
     rot = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)

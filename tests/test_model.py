@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -95,20 +97,32 @@ def test_rope_only_on_image_tokens():
     assert not torch.allclose(out[:, :, 5], x[:, :, 5])
 
 
-def test_rope_matches_official_complex_form():
-    """Independent check: the official code rotates consecutive pairs as complex numbers by
-    exp(i * angle), with angles row * f for the first head_dim / 4 pairs and col * f for the rest."""
-    hd, side = 16, 4
-    cos, sin = L.rope_cos_sin(hd, side * side)
+def official_rope(x, hd, side):
+    """The official code rotates consecutive pairs as complex numbers by exp(i * angle), with
+    angles row * f for the first head_dim / 4 pairs and col * f for the rest (fp64)."""
     f = 1.0 / 10000 ** (torch.arange(0, hd // 2, 2, dtype=torch.float64) / (hd // 2))
-    x = torch.randn(1, 1, side * side, hd, dtype=torch.float64)
-    xc = torch.view_as_complex(x.clone().reshape(1, 1, side * side, hd // 2, 2))
+    xc = torch.view_as_complex(x.clone().reshape(*x.shape[:2], side * side, hd // 2, 2))
     for i in range(side):
         for j in range(side):
             ang = torch.cat([i * f, j * f])
-            xc[0, 0, i * side + j] *= torch.polar(torch.ones_like(ang), ang)
-    expect = torch.view_as_real(xc).flatten(-2)
-    assert torch.allclose(L.apply_rope(x, cos.double(), sin.double()), expect, atol=1e-6)
+            xc[:, :, i * side + j] *= torch.polar(torch.ones_like(ang), ang)
+    return torch.view_as_real(xc).flatten(-2)
+
+
+def test_rope_matches_official_complex_form():
+    hd, side = 16, 4
+    cos, sin = L.rope_cos_sin(hd, side * side)
+    x = torch.randn(1, 1, side * side, hd, dtype=torch.float64)
+    assert torch.allclose(L.apply_rope(x, cos, sin), official_rope(x, hd, side), atol=1e-6)
+
+
+def test_rope_tables_of_a_float64_model_are_exact():
+    """A model moved to fp64 rotates by the fp64 angles (tables rounded to fp32 were off by ~6e-8)."""
+    model = PMFDiT(get_config("pMF-XS/4-test").model).double()
+    T, hd = model.rope_cos.shape[0], 2 * model.rope_cos.shape[1]
+    x = torch.randn(2, 3, T, hd, dtype=torch.float64)
+    err = (L.apply_rope(x, *model.rope) - official_rope(x, hd, math.isqrt(T))).abs().max().item()
+    assert err < 1e-13, err
 
 
 def test_zero_init():
