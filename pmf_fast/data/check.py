@@ -5,18 +5,21 @@ formats outside SUPPORTED, and decompression bombs (a header claiming more pixel
 PIL.Image.MAX_IMAGE_PIXELS: 89,478,485 by default; PIL warns above it and refuses above twice it, we
 refuse both). Usable with conversion on load (counted): grayscale, CMYK, alpha,
 palette and 16-bit images, all read as 8-bit RGB by `load_rgb`.
-Scans decode every image fully (in worker processes) and are cached per dataset in
-$PMF_CACHE (default ~/.cache/pmf_fast), keyed by the list of files with their sizes and mtimes, so
-a changed dataset is scanned again.
+Scans decode every image fully (in worker processes; under torch.distributed each rank takes
+1/world of the files) and are cached per dataset in $PMF_CACHE (default ~/.cache/pmf_fast), keyed by
+the list of files with their sizes and mtimes, so a changed dataset is scanned again. A prepared
+dataset (`python -m pmf_fast.data prepare`) needs no scan at all: its manifest lists the unusable files.
 """
 import hashlib
 import json
 import os
+import socket
 import threading
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+import torch.distributed as dist
 from PIL import Image
 
 from ..atomic import atomic_write
@@ -65,27 +68,33 @@ def load_rgb(path):
 
 def check_image(path):
     """(problem or None, conversion note or None) for one file."""
+    return inspect_image(path)[:2]
+
+
+def inspect_image(path):
+    """(problem or None, conversion note or None, the 8-bit RGB image or None): the check and the
+    image it decoded, so that preparing a dataset decodes each file once."""
     try:
         if os.path.getsize(path) == 0:
-            return "empty file (0 bytes)", None
+            return "empty file (0 bytes)", None, None
         with open_image(path) as im:
             fmt, mode = im.format, im.mode
             if fmt not in SUPPORTED:
-                return f"unsupported format {fmt}", None
+                return f"unsupported format {fmt}", None, None
             im.verify()                                           # structure, checksums (PNG)
-        load_rgb(path)                                            # full decode: catches truncation
+        rgb = load_rgb(path)                                      # full decode: catches truncation
     except FileNotFoundError:
-        return "file not found (deleted after the listing?)", None
+        return "file not found (deleted after the listing?)", None, None
     except Image.UnidentifiedImageError:
-        return "not an image", None
+        return "not an image", None, None
     except DecompressionBomb as e:
-        return str(e), None
+        return str(e), None, None
     except (OSError, SyntaxError, ValueError) as e:
-        return f"truncated or corrupt ({str(e)[:80]})", None
+        return f"truncated or corrupt ({str(e)[:80]})", None, None
     except Exception as e:                                        # one odd file must not stop a scan
-        return f"unreadable ({type(e).__name__}: {str(e)[:80]})", None
+        return f"unreadable ({type(e).__name__}: {str(e)[:80]})", None, None
     note = None if mode == "RGB" else f"converted from {mode}"
-    return None, note
+    return None, note, rgb
 
 
 def _signature(files):
@@ -96,22 +105,67 @@ def _signature(files):
     return h.hexdigest()[:32]
 
 
-def scan_images(files, workers=None, cache=True):
-    """{"bad": {path: reason}, "converted": {path: note}} for the files, from the cache if current."""
+def _cache_path(files):
     cache_dir = os.environ.get("PMF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pmf_fast"))
-    path = os.path.join(cache_dir, f"scan-{_signature(files)}.json")
-    if cache and os.path.isfile(path):
+    return os.path.join(cache_dir, f"scan-{_signature(files)}.json")
+
+
+def _read_cache(path):
+    try:
         with open(path) as f:
-            return json.load(f)
-    workers = workers or min(16, os.cpu_count() or 1)
+            out = json.load(f)
+    except (OSError, ValueError):                                 # absent or damaged: scan again
+        return None
+    return out if isinstance(out, dict) and out.keys() == {"bad", "converted"} else None
+
+
+def _write_cache(path, out):
+    # atomic_write's temporary name carries the pid only; containers on two hosts sharing a cache
+    # directory often have equal pids, so the host name keeps their temporary files apart
+    unique = f"{path}.{socket.gethostname()}.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(unique, lambda f: json.dump(out, f), mode="w")
+        os.replace(unique, path)
+    except OSError:                                               # a read-only cache only costs a rescan
+        pass
+
+
+def _check_files(files, workers):
+    """check_image over the files in `workers` processes: [(problem, note)]."""
+    if not files:
+        return []
     with ProcessPoolExecutor(workers) as ex:
-        results = list(ex.map(check_image, files, chunksize=64))
-    out = {"bad": {f: r for f, (r, _) in zip(files, results) if r},
-           "converted": {f: n for f, (r, n) in zip(files, results) if n and not r}}
-    if cache:
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            atomic_write(path, lambda f: json.dump(out, f), mode="w")
-        except OSError:                                           # a read-only cache only costs a rescan
-            pass
+        return list(ex.map(check_image, files, chunksize=64))
+
+
+def scan_images(files, workers=None, cache=True):
+    """{"bad": {path: reason}, "converted": {path: note}} for the files, from the cache if current.
+
+    Under torch.distributed the scan is shared out: each rank checks every world-th file, the
+    results are gathered (all_gather_object) and rank 0 writes the cache, so N ranks decode each
+    file once, not N times. The cache is used only when every rank has it (the ranks agree), since
+    a node-local cache directory may hold it on some nodes and not on others."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    path = _cache_path(files)
+    out = _read_cache(path) if cache else None
+    if world > 1:
+        have = [None] * world
+        dist.all_gather_object(have, out is not None)
+        out = out if all(have) else None
+    if out is not None:
+        return out
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))   # ranks sharing this host's cores
+    workers = workers or max(1, min(16, (os.cpu_count() or 1) // local_world))
+    mine = files[rank::world]
+    results = _check_files(mine, workers)
+    parts = [{"bad": {f: r for f, (r, _) in zip(mine, results) if r},
+              "converted": {f: n for f, (r, n) in zip(mine, results) if n and not r}}]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, parts[0])
+        parts = gathered
+    out = {k: dict(sorted((f, v) for p in parts for f, v in p[k].items())) for k in ("bad", "converted")}
+    if cache and rank == 0:
+        _write_cache(path, out)
     return out

@@ -1,0 +1,195 @@
+"""Prepared datasets: an ImageFolder decoded and ADM-cropped once, stored as uint8 shards that every
+rank memory-maps, so training reads pixels at memory speed and decodes nothing.
+
+    python -m pmf_fast.data prepare SRC DST --image-size 256   write DST (pmf_fast/data/prepare.py)
+    train.py ... train.data=DST                                 make_loader opens DST: no scan, no decoding
+    python -m pmf_fast.data verify DST                          full checksums of every shard
+
+DST holds
+  manifest.json     written last (its presence means complete): source, image size, crop rule, Pillow
+                    version, classes, counts, the unusable files with reasons, and each shard's entry
+  shard-00000.npy   uint8 [n, S, S, 3] (RGB, HWC): a plain .npy with a 128-byte header
+  shard-00000.json  the shard's record: what a resumed prepare trusts
+  labels.npy        int64 [N], the class of each image in shard order
+  files.txt         the source file of each image (relative to the source root), in shard order
+  plan.json         what was asked (source, size, shard size, the listing's digest)
+
+Checks. A shard's checksum is the SHA-256 of its images' BLAKE2b-128 digests in order (the workers
+that crop hash each image, in parallel). Opening checks each shard's size and header and the digests
+of its first, middle and last image: three small reads per shard (ImageNet at 256 px: 235 shards,
+about 140 MB, a second or two) rather than 252 GB. That finds truncated, swapped and partly written
+shards; a changed byte elsewhere is found by `verify`, which reads everything.
+"""
+import hashlib
+import json
+import os
+import struct
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+FORMAT = "pmf-fast prepared images v1"
+MANIFEST, PLAN, LABELS, FILES = "manifest.json", "plan.json", "labels.npy", "files.txt"
+HEADER = 128                      # bytes before the pixels: the .npy header, padded (64-byte aligned data)
+CROP = "ADM center crop (pmf_fast.data.folder.center_crop_arr) of the 8-bit RGB image (check.load_rgb)"
+
+
+class PreparedError(ValueError):
+    """A prepared dataset that cannot be used as it is; the message says what to do."""
+
+
+def shard_name(k):
+    return f"shard-{k:05d}.npy"
+
+
+def default_shard_size(image_size):
+    """Images per shard: about 1 GiB per file (256 px: 5,461 images, 512 px: 1,365), so ImageNet is a
+    few hundred files (mmaps, open files) and a killed prepare loses at most a shard per process."""
+    return max(1, 2 ** 30 // (image_size * image_size * 3))
+
+
+def npy_header(n, size):
+    """The .npy (version 1.0) header of uint8 [n, size, size, 3], padded to HEADER bytes."""
+    d = "{'descr': '|u1', 'fortran_order': False, 'shape': (%d, %d, %d, 3), }" % (n, size, size)
+    d = d.ljust(HEADER - 11) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(d)) + d.encode("latin1")
+
+
+def image_digest(img):
+    return hashlib.blake2b(np.ascontiguousarray(img).data, digest_size=16).hexdigest()
+
+
+def shard_checksum(digests):
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def sample_positions(n):
+    return sorted({0, n // 2, n - 1}) if n else []
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def map_shard(path, n, size):
+    if n == 0:                                          # a shard of unusable files only: nothing to map
+        return np.empty((0, size, size, 3), np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER, shape=(n, size, size, 3))
+
+
+def shard_problem(root, entry, size):
+    """None when the shard file matches its entry by size, header and sampled images; else what is
+    wrong, in a few words."""
+    path = os.path.join(root, entry["file"])
+    expect = HEADER + entry["count"] * size * size * 3
+    try:
+        actual = os.path.getsize(path)
+        if actual != expect:
+            return f"{actual:,} bytes, expected {expect:,} (truncated or overwritten)"
+        with open(path, "rb") as f:
+            if f.read(HEADER) != npy_header(entry["count"], size):
+                return "its header does not match the manifest"
+        mm = map_shard(path, entry["count"], size)
+        for i in sample_positions(entry["count"]):
+            if image_digest(mm[i]) != entry["samples"][str(i)]:
+                return f"image {i} differs from the one written (altered or replaced)"
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    return None
+
+
+class Prepared:
+    """An opened prepared dataset: labels, classes, and images gathered by global index across the
+    memory-mapped shards (uint8 NHWC)."""
+
+    def __init__(self, root, manifest, shards, labels):
+        self.root, self.manifest, self.shards, self.labels = root, manifest, shards, labels
+        self.image_size, self.classes = manifest["image_size"], manifest["classes"]
+        self.starts = np.cumsum([0] + [len(s) for s in shards])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def gather(self, idx, out):
+        """out[j] = image idx[j], for a sequence of global indices; out uint8 [len(idx), S, S, 3]."""
+        idx = np.asarray(idx, dtype=np.int64)
+        shard = np.searchsorted(self.starts, idx, side="right") - 1
+        for j, (s, i) in enumerate(zip(shard.tolist(), (idx - self.starts[shard]).tolist())):
+            out[j] = self.shards[s][i]              # one memcpy per image; numpy releases the GIL for it
+        return out
+
+    def __getitem__(self, sl):
+        """Images of a slice of global indices, as one uint8 array."""
+        idx = np.arange(len(self))[sl]
+        return self.gather(idx, np.empty((len(idx), self.image_size, self.image_size, 3), np.uint8))
+
+
+def is_prepared(path):
+    return os.path.isfile(os.path.join(path, MANIFEST)) or os.path.isfile(os.path.join(path, PLAN))
+
+
+def open_prepared(root, image_size=None, check=True):
+    """The Prepared dataset in `root`, after the cheap checks (the manifest's format and image size,
+    every shard's size, header and sampled images, the labels). Raises PreparedError naming the
+    problem and what to do."""
+    if not os.path.isfile(os.path.join(root, MANIFEST)):
+        if os.path.isfile(os.path.join(root, PLAN)):
+            plan = read_json(os.path.join(root, PLAN))
+            raise PreparedError(f"{root} is an unfinished prepared dataset: run `python -m pmf_fast.data prepare "
+                                f"{plan['source']} {root} --image-size {plan['image_size']}` again to finish it")
+        raise PreparedError(f"{root} has no {MANIFEST}: not a prepared dataset")
+    try:
+        m = read_json(os.path.join(root, MANIFEST))
+    except (OSError, ValueError) as e:
+        raise PreparedError(f"{root}/{MANIFEST} is unreadable ({e}); run prepare again to rewrite it") from None
+    if m.get("format") != FORMAT:
+        raise PreparedError(f"{root} was written in format {m.get('format')!r}, this code reads {FORMAT!r}; "
+                            "prepare it again into a new directory")
+    size = m["image_size"]
+    if image_size is not None and image_size != size:
+        raise PreparedError(f"{root} holds {size} px images but {image_size} px are asked for: prepare "
+                            f"{m['source']} with --image-size {image_size} into another directory")
+    again = f"run `python -m pmf_fast.data prepare {m['source']} {root} --image-size {size}` again to rewrite it"
+    if check:
+        for e in m["shards"]:
+            problem = shard_problem(root, e, size)
+            if problem:
+                raise PreparedError(f"{root}: {e['file']} is damaged: {problem}; {again}")
+    try:
+        labels = np.load(os.path.join(root, LABELS))
+    except (OSError, ValueError) as e:
+        raise PreparedError(f"{root}/{LABELS} is unreadable ({e}); {again}") from None
+    if labels.shape != (m["num_images"],) or (check and hashlib.sha256(labels.tobytes()).hexdigest() != m["labels_sha256"]):
+        raise PreparedError(f"{root}/{LABELS} does not match the manifest; {again}")
+    shards = [map_shard(os.path.join(root, e["file"]), e["count"], size) for e in m["shards"]]
+    return Prepared(root, m, shards, labels)
+
+
+def _verify_shard(args):
+    root, entry, size = args
+    problem = shard_problem(root, entry, size)
+    if problem:
+        return problem
+    mm = map_shard(os.path.join(root, entry["file"]), entry["count"], size)
+    if shard_checksum([image_digest(img) for img in mm]) != entry["sha256"]:
+        return "checksum mismatch (a changed byte)"
+    return None
+
+
+def verify(root, workers=None, progress=True):
+    """Read every shard in full and compare its checksum: {shard file: problem} for the bad ones."""
+    ds = open_prepared(root, check=False)
+    m = ds.manifest
+    jobs = [(root, e, m["image_size"]) for e in m["shards"]]
+    with ProcessPoolExecutor(workers or min(16, os.cpu_count() or 1)) as ex:
+        results = ex.map(_verify_shard, jobs)
+        if progress:
+            from tqdm import tqdm
+            results = tqdm(results, total=len(jobs), unit="shard", desc="verify")
+        bad = {e["file"]: r for e, r in zip(m["shards"], results) if r}
+    if hashlib.sha256(ds.labels.tobytes()).hexdigest() != m["labels_sha256"]:
+        bad[LABELS] = "checksum mismatch"
+    return bad
