@@ -207,11 +207,29 @@ class Log:
             self.tb.add_image(tag, arr, step, dataformats="HWC")
 
     def truncate(self, step):
-        """Drop log.jsonl lines after `step` (a resumed run logs those steps again)."""
+        """Drop log.jsonl lines after `step` (a resumed run logs those steps again), and any torn or
+        unparsable line (a kill or a full disk while appending) with a warning: it never stops a
+        resume. The file is rewritten atomically."""
         path = os.path.join(self.run_dir, "log.jsonl")
-        if self.enabled and os.path.exists(path):
-            keep = [line for line in open(path) if line.strip() and json.loads(line).get("step", 0) <= step]
-            atomic_write(path, lambda f: f.write("".join(keep)), mode="w")
+        if not (self.enabled and os.path.exists(path)):
+            return
+        keep, torn = [], []
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    row = json.loads(raw)
+                    if not isinstance(row, dict):
+                        raise ValueError("not a log row")
+                except ValueError:
+                    if raw.strip():
+                        torn.append(n)
+                    continue
+                if row.get("step", 0) <= step:
+                    keep.append(raw.rstrip(b"\n") + b"\n")      # a row cut just before its newline is whole
+        if torn:
+            self(f"warning: {path}: dropped {len(torn)} torn or unparsable line(s) ({', '.join(map(str, torn[:5]))}"
+                 f"{' ...' if len(torn) > 5 else ''}), left by a kill or a full disk")
+        atomic_write(path, lambda f: f.write(b"".join(keep)))
 
     def write_json(self, name, obj):
         if self.enabled:
