@@ -71,18 +71,92 @@ def crop_params(h, w, gen, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mode="offici
     return (h - s) // 2, (w - s) // 2, s, s
 
 
-def paired_random_resized_crop(a, b, seed, size=224, mode="official"):
-    """The same random crop of each image pair, resized to size x size (bicubic, antialias). One
-    window per sample, drawn from a CPU generator seeded with `seed` (no device sync)."""
+def crop_windows(h, w, n, seed, mode="official"):
+    """n crop windows [n, 4] (top, left, ch, cw) drawn in order from a CPU generator seeded with `seed`."""
     gen = torch.Generator().manual_seed(seed)
-    outs_a, outs_b = [], []
-    for i in range(a.shape[0]):
-        top, left, ch, cw = crop_params(a.shape[-2], a.shape[-1], gen, mode=mode)
-        pair = torch.stack([a[i, :, top:top + ch, left:left + cw], b[i, :, top:top + ch, left:left + cw]])
-        pair = F.interpolate(pair.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        outs_a.append(pair[0])
-        outs_b.append(pair[1])
-    return torch.stack(outs_a), torch.stack(outs_b)
+    return torch.tensor([crop_params(h, w, gen, mode=mode) for _ in range(n)], dtype=torch.int64)
+
+
+def _keys_cubic(x, a=-0.5):
+    """The Keys cubic kernel (a = -0.5, as aten's antialiased bicubic and PIL)."""
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resize_weights(start, length, size):
+    """Bicubic antialias taps of a 1-d resize of each window [start, start + length) to `size`, as
+    aten computes them (F.interpolate(mode="bicubic", antialias=True, align_corners=False)):
+    scale = length / size; output i is centred at scale (i + 1/2); the kernel is stretched by the
+    scale when downsampling (support 2 scale, else 2), its window clipped to the input, and its
+    weights normalised to sum 1. Host-side, fp64.
+    start, length: int64 [n]. Returns (index [n, size, K] into the whole axis, weight [n, size, K]),
+    K the widest window; the padding taps have weight 0."""
+    length = length.double()[:, None, None]
+    scale = length / size
+    down = scale >= 1
+    support = torch.where(down, 2 * scale, torch.full_like(scale, 2.0))
+    inv = torch.where(down, 1 / scale, torch.ones_like(scale))
+    center = scale * (torch.arange(size, dtype=torch.float64)[None, :, None] + 0.5)
+    lo = (center - support + 0.5).trunc().clamp(min=0)          # aten's int64 casts truncate
+    hi = torch.minimum((center + support + 0.5).trunc(), length)
+    k = torch.arange(int((hi - lo).max()), dtype=torch.float64)
+    j = lo + k                                                   # [n, size, K] positions in the window
+    wt = torch.where(j < hi, _keys_cubic((j - center + 0.5) * inv), torch.zeros(()))
+    wt = wt / wt.sum(-1, keepdim=True).clamp(min=1e-300)
+    idx = torch.minimum(j, length - 1).long() + start[:, None, None]
+    return idx, wt
+
+
+def resize_matrices(windows, h, w, size, device, dtype):
+    """Per-sample resampling matrices Ry [n, size, h] and Rx [n, size, w] of the windows [n, 4]
+    (top, left, ch, cw): crop-and-resize of image i is Ry[i] @ image_i @ Rx[i]^T. The taps are built
+    on the host and copied asynchronously (pinned) before a scatter on the device: no device sync."""
+    out = []
+    for start, length, side in ((windows[:, 0], windows[:, 2], h), (windows[:, 1], windows[:, 3], w)):
+        idx, wt = resize_weights(start, length, size)
+        wt = wt.to(dtype)
+        if torch.device(device).type == "cuda":
+            idx, wt = idx.pin_memory(), wt.pin_memory()
+        idx, wt = idx.to(device, non_blocking=True), wt.to(device, non_blocking=True)
+        # scatter_add: padding taps repeat an index with weight 0, which adds nothing whatever the order
+        out.append(torch.zeros(len(windows), size, side, device=device, dtype=dtype).scatter_add_(2, idx, wt))
+    return out
+
+
+def crop_resize(images, windows, size=224):
+    """Crop window i of sample i of each image batch in `images` (same shape [n, C, h, w]) and resize
+    it to size x size (bicubic, antialias) as two batched matmuls: out_i = Ry_i @ image_i @ Rx_i^T.
+    Equal to crop_resize_ref (tests/test_perceptual.py: values and input gradients); at batch 128,
+    256 px it replaces the per-sample loop's ~1000 launches per forward+backward (bench/README.md).
+    Computes in fp32 (fp64 inputs: fp64) outside autocast, so the resampling never runs in bf16."""
+    n, _, h, w = images[0].shape
+    dtype = torch.promote_types(images[0].dtype, torch.float32)
+    ry, rx = resize_matrices(windows, h, w, size, images[0].device, dtype)
+    with torch.autocast(images[0].device.type, enabled=False):
+        # each image apart: the backward then resamples only the ones that need a gradient
+        return tuple(ry[:, None] @ (x.to(dtype) @ rx[:, None].transpose(-1, -2)) for x in images)
+
+
+def crop_resize_ref(images, windows, size=224):
+    """The eager reference: per sample a slice, a stack and F.interpolate (bicubic, antialias)."""
+    dtype = torch.promote_types(images[0].dtype, torch.float32)
+    outs = [[] for _ in images]
+    for i, (top, left, ch, cw) in enumerate(windows.tolist()):
+        crops = torch.stack([x[i, :, top:top + ch, left:left + cw] for x in images])
+        crops = F.interpolate(crops.to(dtype), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        for out, c in zip(outs, crops):
+            out.append(c)
+    return tuple(torch.stack(out) for out in outs)
+
+
+def paired_random_resized_crop(a, b, seed, size=224, mode="official", ref=False):
+    """The same random crop of each image pair, resized to size x size (bicubic, antialias). One
+    window per sample, drawn from a CPU generator seeded with `seed` (no device sync). ref: the
+    per-sample F.interpolate loop (crop_resize_ref) instead of the batched matmuls."""
+    windows = crop_windows(a.shape[-2], a.shape[-1], a.shape[0], seed, mode)
+    return (crop_resize_ref if ref else crop_resize)((a, b), windows, size)
 
 
 # ----------------------------------------------------------------------------- networks

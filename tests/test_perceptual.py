@@ -4,6 +4,7 @@ import secrets
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pmf_fast import perceptual as P
 from pmf_fast.config import get_config
@@ -164,3 +165,76 @@ def test_perceptual_terms_in_the_loss():
     d.r = d.t * 0.5
     _, logs = pmf_loss(model, xb, torch.tensor([0, 1, 2, 3]), d, cfg.objective, 10, perceptual=loss_fn)
     assert "lpips" in logs and "convnext" in logs and logs["lpips"] > 0
+
+
+# windows of a 37 x 29 image (top, left, ch, cw): the full image, 1-pixel bands (a row, a column,
+# a pixel), full-height and full-width bands (the official rule's clipped sides), corner windows
+ODD_WINDOWS = torch.tensor([[0, 0, 37, 29], [5, 0, 1, 29], [0, 7, 37, 1], [36, 28, 1, 1], [0, 0, 37, 5],
+                            [30, 0, 7, 29], [10, 2, 20, 27], [1, 3, 35, 24]])
+
+
+@pytest.mark.parametrize("size", [24, 41])          # mostly downsampling; mostly upsampling
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_crop_resize_matches_interpolate(dtype, size):
+    """The batched-matmul crop equals the per-sample F.interpolate(bicubic, antialias) loop on odd
+    windows: values of both images and the input gradient of the first, by the tolerance rule."""
+    from tests.conftest import assert_close_by_rule
+    n = len(ODD_WINDOWS)
+    a64 = torch.randn(n, 3, 37, 29, dtype=torch.float64)
+    b64 = torch.randn(n, 3, 37, 29, dtype=torch.float64)
+    cot = torch.randn(n, 3, size, size, dtype=torch.float64)
+
+    def run(fn, dt):
+        a = a64.to(dt, copy=True).requires_grad_()
+        oa, ob = fn((a, b64.to(dt)), ODD_WINDOWS, size)
+        (oa * cot.to(oa.dtype)).sum().backward()
+        return oa, ob, a.grad
+
+    ref64 = run(P.crop_resize_ref, torch.float64)
+    eager = run(P.crop_resize_ref, dtype)
+    out = run(P.crop_resize, dtype)
+    assert out[0].dtype == dtype and out[0].shape == (n, 3, size, size)
+    for name, o, r, e in zip(("a", "b", "grad a"), out, ref64, eager):
+        assert_close_by_rule(o, r, e, name, relative_atol=name == "grad a")
+
+
+def test_resize_weights_are_the_interpolate_operator():
+    """Each row of Ry applied to a 1-d signal is F.interpolate of the cropped signal: the taps are
+    aten's (support 2 x scale when downsampling, Keys a = -0.5, clipped window, normalised)."""
+    for length, size in [(1, 5), (7, 3), (256, 224), (100, 224), (224, 224), (13, 13), (9, 4)]:
+        idx, wt = P.resize_weights(torch.tensor([2]), torch.tensor([length]), size)
+        r = torch.zeros(size, length + 4, dtype=torch.float64).scatter_add_(1, idx[0], wt[0])
+        sig = torch.randn(1, 1, 1, length + 4, dtype=torch.float64)
+        ref = F.interpolate(sig[..., 2:2 + length], size=(1, size), mode="bicubic", antialias=True,
+                            align_corners=False)
+        assert torch.allclose(r @ sig[0, 0, 0], ref.flatten(), atol=1e-12), (length, size)
+        assert (r[:, :2] == 0).all() and (r[:, 2 + length:] == 0).all()        # zero outside the window
+        assert torch.allclose(r.sum(1), torch.ones(size, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", P.CROP_MODES)
+def test_paired_crop_matches_the_per_sample_loop(mode):
+    """Random windows at 256 px to 224, as the loss draws them: the same windows and values."""
+    from tests.conftest import assert_close_by_rule
+    a, b = torch.randn(6, 3, 256, 256), torch.randn(6, 3, 256, 256)
+    seed = secrets.randbits(31)
+    print(f"seed {seed}")
+    out = P.paired_random_resized_crop(a, b, seed, mode=mode)
+    eager = P.paired_random_resized_crop(a, b, seed, mode=mode, ref=True)
+    ref64 = P.paired_random_resized_crop(a.double(), b.double(), seed, mode=mode, ref=True)
+    for name, o, r, e in zip("ab", out, ref64, eager):
+        assert_close_by_rule(o, r, e, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device sync check needs a CUDA GPU")
+def test_crop_resize_does_not_sync():
+    a = torch.randn(8, 3, 64, 64, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        oa, _ = P.paired_random_resized_crop(a, a.detach(), seed=3, size=32)
+        oa.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref, _ = P.paired_random_resized_crop(a, a.detach(), seed=3, size=32, ref=True)
+    assert torch.allclose(oa, ref, atol=1e-4)
