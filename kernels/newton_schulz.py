@@ -23,15 +23,10 @@ matrices, which the compiled reference does as well; computing only the lower-tr
 nothing measurable on top of it. bench/bench_newton_schulz.py reports all three in one run; revisit
 the choice when its kernel-vs-compiled row reaches 1.3x.
 """
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from kernels._triton import interpreting, tl, triton, use_kernel
 
 # (a, b, c) of the quintic iteration (KellerJordan/Muon). The one home of these numbers: Muon, the
 # benchmarks and the tests import them from here.
@@ -57,9 +52,6 @@ def newton_schulz_ref(G, steps=5, coefficients=NS_COEFFICIENTS, eps=1e-7, dtype=
         X = X.mT
     return X.to(G.dtype)
 
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 if triton is not None:
@@ -101,7 +93,7 @@ def _sym_gram(X, A=None, alpha=1.0, beta=0.0):
     """alpha X X^T (+ beta A), X [B, M, K] -> [B, M, M], symmetric tiles computed once."""
     Bn, M, K = X.shape
     out = torch.empty(Bn, M, M, device=X.device, dtype=X.dtype)
-    block, block_k = (16, 16) if _interpreting() else (64, 64)   # H100 tuning pending (bench/)
+    block, block_k = (16, 16) if interpreting() else (64, 64)   # H100 tuning pending (bench/)
     tiles = triton.cdiv(M, block)
     _sym_gram_kernel[(tiles * tiles, Bn)](X, A if A is not None else X, out, M, K, alpha, beta,
                                           BLOCK=block, BLOCK_K=block_k, ADD_A=A is not None,
@@ -111,7 +103,7 @@ def _sym_gram(X, A=None, alpha=1.0, beta=0.0):
 
 def newton_schulz(G, steps=5, coefficients=NS_COEFFICIENTS, eps=1e-7, dtype=None):
     """Batched Newton-Schulz with the symmetric Triton kernels. G: [B, m, n] or [m, n]."""
-    if triton is None or not (G.is_cuda or _interpreting()):
+    if not use_kernel(G):
         return newton_schulz_ref(G, steps, coefficients, eps, dtype)
     a, b, c = coefficients
     dtype = dtype or (torch.bfloat16 if G.is_cuda else G.dtype)

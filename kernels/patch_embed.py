@@ -15,16 +15,11 @@ tensor is materialised; the [BLOCK_M, r] bottleneck stays in registers (fp32) an
 GEMM, [BLOCK_M, r] x [r, BLOCK_N], written to [B, T, D]. Backward is two cuBLAS GEMM pairs on the
 re-gathered patches (only there is the patch matrix formed).
 """
-import os
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from kernels._triton import interpreting, tl, triton, use_kernel
 
 
 def patch_embed_ref(x, w1, b1, w2, b2):
@@ -32,9 +27,6 @@ def patch_embed_ref(x, w1, b1, w2, b2):
     p = w1.shape[-1]
     return F.conv2d(F.conv2d(x, w1, b1, stride=p), w2, b2).flatten(2).transpose(1, 2)
 
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 if triton is not None:
@@ -111,7 +103,7 @@ def _tiles(r, dtype):
         takes 32-token tiles, 8 warps and 2 stages: 88 and 136 KiB (within an A100's 163 KiB),
         no spills (r = 128 spilled 2.5 KiB per thread), and 4 s instead of 13 s to compile r = 128
         on this project's 2-core CPU."""
-    if _interpreting():
+    if interpreting():
         return dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16)
     big = r > 128
     if dtype == torch.float32:
@@ -139,14 +131,11 @@ def _launch(x, x_dot, w1, b1, w2, b2):
     return y, yd
 
 
-def _use_kernel(x):
-    return triton is not None and (x.is_cuda or _interpreting())
-
 
 @torch.library.custom_op("pmf_fast::patch_embed", mutates_args=())
 def _patch_embed_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                     b2: torch.Tensor) -> torch.Tensor:
-    if _use_kernel(x):
+    if use_kernel(x):
         return _launch(x, None, w1, b1, w2, b2)[0]
     return patch_embed_ref(x, w1.to(x.dtype), b1.to(x.dtype), w2.to(x.dtype), b2.to(x.dtype)).contiguous()
 
@@ -154,7 +143,7 @@ def _patch_embed_op(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: tor
 @torch.library.custom_op("pmf_fast::patch_embed_jvp", mutates_args=())
 def _patch_embed_jvp_op(x: torch.Tensor, x_dot: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                         w2: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_kernel(x):
+    if use_kernel(x):
         return _launch(x, x_dot, w1, b1, w2, b2)
     y = _patch_embed_op(x, w1, b1, w2, b2)
     yd = patch_embed_ref(x_dot, w1.to(x.dtype), None, w2.to(x.dtype), None).contiguous()
