@@ -28,8 +28,9 @@ import torch
 from pmf_fast import dist
 from pmf_fast.atomic import atomic_write, clean_temporaries
 from pmf_fast.checkpoint import CheckpointError
-from pmf_fast.config import ConfigError, validate
+from pmf_fast.config import ConfigError, get_config, validate
 from pmf_fast.meanflow import to_uint8
+from pmf_fast.run import config_diff
 from pmf_fast.sampling import load_for_sampling, row_labels, sample_images, save_grid
 
 
@@ -71,6 +72,13 @@ def load_model(a, device):
         # not ours and no (or the wrong) preset, no such EMA, weights that do not fit their config
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot sample from {a.ckpt!r}: {why}") from None
+    if a.preset is not None:                   # ours carry their config: a --preset must agree with it
+        own = {"model": cfg.to_dict()["model"]}
+        diff = config_diff(own, {"model": get_config(a.preset).to_dict()["model"]})
+        if diff:
+            raise ConfigError(f"--preset {a.preset} disagrees with {a.ckpt}, which holds a {cfg.preset} model ("
+                              + ", ".join(f"{k}: {x} vs {y}" for k, x, y in diff[:3]) + (" ..." if len(diff) > 3 else "")
+                              + "); drop --preset: a pmf-fast checkpoint carries its own config")
     for field, value in (("omega", a.omega), ("t_min", a.t_min), ("t_max", a.t_max), ("num_steps", a.steps)):
         if value is not None:
             setattr(cfg.sample, field, value)

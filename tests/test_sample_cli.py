@@ -96,3 +96,14 @@ def test_command_line_exit_has_no_traceback(tmp_path):
                         str(tmp_path / "g.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"error: checkpoint {str(tmp_path / 'missing.pt')!r} not found"]
+
+
+def test_a_preset_that_disagrees_with_the_checkpoint_is_refused(ckpt, tmp_path):
+    """Our checkpoints carry their config: --preset of another model is refused (it was silently
+    ignored), naming the preset the checkpoint holds; the same preset is accepted."""
+    out = tmp_path / "g.png"
+    msg = one_line_error(["--ckpt", ckpt, "--preset", "pMF-B/16", "--out", str(out)])
+    assert msg.startswith("config error: --preset pMF-B/16 disagrees with") and "holds a pMF-XS/4-test model" in msg
+    assert "model.depth: 3 vs 16" in msg and not out.exists()
+    sample.cli(["--ckpt", ckpt, "--preset", "pMF-XS/4-test", "--out", str(out), "--classes", "2", "--per-row", "2"])
+    assert out.stat().st_size > 0
