@@ -85,7 +85,8 @@ def _check(x, w1, b1, w2, b2, x_dot=None):
         raise ValueError("patch_embed expects x [B, C, H, W], w1 [r, C, p, p], w2 [D, r, 1, 1]")
     p = w1.shape[-1]
     if x.shape[1] != w1.shape[1] or w2.shape[1] != w1.shape[0] or x.shape[-1] % p or x.shape[-2] != x.shape[-1]:
-        raise ValueError(f"patch_embed: image {tuple(x.shape)} does not fit w1 {tuple(w1.shape)} / w2 {tuple(w2.shape)} "
+        raise ValueError(f"patch_embed: image {tuple(x.shape)} does not fit w1 {tuple(w1.shape)} / "
+                         f"w2 {tuple(w2.shape)} "
                          "(square image, size divisible by p, matching channels)")
     if x_dot is not None and (x_dot.shape != x.shape or x_dot.dtype != x.dtype):
         raise ValueError("x_dot must match x in shape and dtype")

@@ -1,4 +1,4 @@
-"""The pMF DiT (arXiv 2601.22158 section 6, official models/pmfDiT.py): in-context conditioning, a shared trunk, a u-head and an
+"""The pMF DiT (arXiv 2601.22158 section 6): in-context conditioning, a shared trunk, a u-head and an
 auxiliary v-head. Mirrors the official `pmfDiT` (Lyy-iiis/pMF, branch torch, models/pmfDiT.py):
 same parameter names and shapes minus the `_flax_linear` / `_flax_embedding` wrapper levels, so
 official checkpoints load through `load_official_state_dict`.
@@ -14,8 +14,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .layers import (BottleneckPatchEmbedder, FinalLayer, LabelEmbedder, TimestepEmbedder,
-                     TransformerBlock, rope_cos_sin)
+from .layers import BottleneckPatchEmbedder, FinalLayer, LabelEmbedder, TimestepEmbedder, TransformerBlock, rope_cos_sin
 
 
 class PMFDiT(nn.Module):
@@ -183,9 +182,10 @@ def load_official_state_dict(model: PMFDiT, state: dict, source: str = "checkpoi
             mapped[ours] = v
     missing, unexpected = model.load_state_dict(mapped, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{source} does not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}. "
-                         "Check the preset (model size, patch size) matches the checkpoint.")
+        def first(keys):
+            return f"{keys[:8]}{'...' if len(keys) > 8 else ''}"
+        raise ValueError(f"{source} does not match the model: missing {first(missing)}, "
+                         f"unexpected {first(unexpected)}. Check the preset (model size, patch size) matches the checkpoint.")
 
 
 def ours_to_official(state: dict) -> dict:

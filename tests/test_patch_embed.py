@@ -10,7 +10,8 @@ GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
 # (B, C, image, patch, r, D): patch sizes 2 and 4 with odd widths on CPU; pMF shapes on GPU
 CASES = ([(2, 3, 8, 2, 8, 24), (1, 3, 12, 4, 16, 40)] if not GPU else
-         [(16, 3, 256, 16, 128, 768), (8, 3, 512, 32, 128, 768), (4, 3, 256, 16, 256, 1280), (2, 3, 1024, 64, 128, 768)])
+         [(16, 3, 256, 16, 128, 768), (8, 3, 512, 32, 128, 768), (4, 3, 256, 16, 256, 1280),
+          (2, 3, 1024, 64, 128, 768)])
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
 
 
@@ -37,7 +38,10 @@ def test_values_and_tangent(case, dtype, channels_last):
     ref, ref_dot = patch_embed_ref(x.double(), *w64), patch_embed_ref(xd.double(), w64[0], None, w64[2], None)
     y, yd = patch_embed_jvp(x, xd, *w)
     assert y.shape == ref.shape and y.dtype == dtype
-    eager = patch_embed_ref(x, *w) if dtype == torch.float32 or GPU else patch_embed_ref(x.float(), *[t.float() for t in w]).to(dtype)
+    if dtype == torch.float32 or GPU:
+        eager = patch_embed_ref(x, *w)
+    else:
+        eager = patch_embed_ref(x.float(), *[t.float() for t in w]).to(dtype)
     eager_dot = (patch_embed_ref(xd, w[0], None, w[2], None) if dtype == torch.float32 or GPU else
                  patch_embed_ref(xd.float(), w[0].float(), None, w[2].float(), None).to(dtype))
     assert_close_by_rule(y, ref, eager, "y")
