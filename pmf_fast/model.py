@@ -185,7 +185,8 @@ def load_official_state_dict(model: PMFDiT, state: dict, source: str = "checkpoi
         def first(keys):
             return f"{keys[:8]}{'...' if len(keys) > 8 else ''}"
         raise ValueError(f"{source} does not match the model: missing {first(missing)}, "
-                         f"unexpected {first(unexpected)}. Check the preset (model size, patch size) matches the checkpoint.")
+                         f"unexpected {first(unexpected)}. Check the preset (model size, patch size) matches "
+                         "the checkpoint.")
 
 
 def ours_to_official(state: dict) -> dict:
