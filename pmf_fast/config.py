@@ -13,6 +13,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kernels.newton_schulz import NS_COEFFICIENTS
 
@@ -53,17 +54,14 @@ class ObjectiveConfig:
     cfg_max: float = 7.0           # omega in [1, 1 + cfg_max]
     cfg_beta: float = 1.0          # omega density proportional to omega^-beta
     class_dropout_prob: float = 0.1  # label dropout for CFG
-    label_dropout: str = "first"   # "first" (official pmf.py cond_drop): num_drop ~ Bin(B, p) per rank batch, the
-                                   # first num_drop samples lose their label, all in the r = t half; "bernoulli":
-                                   # each sample with probability p, in both halves (upstream PR #7; README)
+    label_dropout: Literal["first", "bernoulli"] = "first"  # "first": the official cond_drop (docs/official.md)
     norm_p: float = 1.0            # adaptive weight: loss / sg((loss + norm_eps)^norm_p)
     norm_eps: float = 0.01
     lpips_weight: float = 0.4      # LPIPS-VGG perceptual loss weight (0 turns it off)
     convnext_weight: float = 0.1   # ConvNeXt-V2 feature loss weight (0 turns it off)
     perceptual_max_t: float = 0.8  # perceptual terms only where t < this
-    perceptual_crop: str = "official"  # paired crop: "official" (one draw, sides clipped to the image, as
-                                   # utils/auxloss_util.py) or "redraw" (torchvision's RandomResizedCrop)
-    perceptual_weights: str = "pretrained"  # "pretrained" (local files) or "random" (tests, offline demos)
+    perceptual_crop: Literal["official", "redraw"] = "official"  # paired crop: one clipped draw, or torchvision's
+    perceptual_weights: Literal["pretrained", "random"] = "pretrained"  # local weight files, or random (tests)
 
 
 @dataclass
@@ -76,9 +74,7 @@ class OptimConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 0          # linear learning-rate warm-up from 0 (0 = none, the official recipe)
-    decay: str = "none"            # "none": constant lr (official); "cosine": down to min_lr_ratio x lr at the
-                                   # end of training, the end being train.steps or train.time_budget_s,
-                                   # whichever comes first (so a budget stop is a planned end, not a cut)
+    decay: Literal["none", "cosine"] = "none"  # cosine to min_lr_ratio x lr at train.steps or time_budget_s
     min_lr_ratio: float = 0.0      # the cosine's final lr as a fraction of lr
 
 
@@ -92,24 +88,17 @@ class TrainConfig:
     ema_halflives_kimg: tuple = (500, 1000, 2000)  # EDM-style EMAs kept at once (official configs)
     seed: int = 42                 # base seed; rank r uses seed + r for its draws
     num_workers: int = 8           # data loader workers (PIL) or decoder threads (DALI) per rank
-    loader: str = "auto"           # "dali" (GPU JPEG decoding), "pil", or "auto": DALI when installed
+    loader: Literal["auto", "dali", "pil"] = "auto"  # DALI decodes JPEGs on the GPU; auto = DALI when installed
     flip: bool = False             # random horizontal flips (off in the official recipe)
-    precision: str = "auto"        # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
-    impl: str = "auto"             # the training step (README "Which --impl"): "fast" = explicit tangents on
-                                   # the Triton kernels (blocks compiled, train.compile); "eager" = the same
-                                   # tangents in plain PyTorch; "reference" = torch.func.jvp over the primal
-                                   # forward, eager math attention; "auto" = fast on CUDA, eager on CPU
-    parallel: str = "ddp"          # data parallelism over ranks: "ddp" (DistributedDataParallel, all-reduce
-                                   # overlapped with backward) or "fsdp" (FSDP2 fully_shard per block)
-    shard_size: int = 0            # fsdp only: ranks per shard group; 0 = all ranks (FSDP), a divisor of the
-                                   # world size = HSDP (shard within groups, replicate across them)
-    compile: str = "auto"          # torch.compile per block: "blocks", "none", or "auto" = blocks for impl fast;
-                                   # on a CPU "blocks" needs a C++ compiler (README "Which --impl")
-    checkpointing: str = "none"    # activation checkpointing: "none" or "blocks" (recompute each block in backward)
-    nonfinite: str = "stop"        # on a non-finite loss: "stop" (checkpoint kept from before) or "skip" the update
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    impl: Literal["auto", "fast", "eager", "reference"] = "auto"  # the step (docs/kernels.md); auto = fast on CUDA
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # DistributedDataParallel, or FSDP2 fully_shard per block
+    shard_size: int = 0            # fsdp: ranks per shard group; 0 = all (FSDP), a divisor of the world = HSDP
+    compile: Literal["auto", "blocks", "none"] = "auto"  # torch.compile per block; auto = blocks for impl fast
+    checkpointing: Literal["none", "blocks"] = "none"  # activation checkpointing: recompute each block in backward
+    nonfinite: Literal["stop", "skip"] = "stop"  # on a non-finite loss: stop (last checkpoint kept) or skip the step
     max_nonfinite: int = 10        # "skip": stop after this many non-finite steps in a row
-    stop_check_every: int = 10     # steps between the stop checks all ranks agree on (time budget, SIGTERM /
-                                   # SIGINT); each is one small all-reduce, so not every step on GPUs
+    stop_check_every: int = 10     # steps between stop checks agreed by all ranks (one small all-reduce each)
     tensorboard: bool = True       # also log to TensorBoard (runs/<run>/tb) when the package is installed
     log_every: int = 100           # steps between log lines
     sample_every: int = 5000       # steps between sample grids (0 = off)
@@ -319,8 +308,25 @@ def get_config(preset: str = DEFAULT_PRESET, overrides: typing.Sequence[str] = (
     return cfg
 
 
+def check_choices(cfg: Config) -> None:
+    """Every field typed Literal[...] holds one of its choices."""
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+            value = getattr(obj, f.name)
+            if choices and value not in choices:
+                names = [repr(c) for c in choices]
+                listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+                raise ConfigError(f"{section.name}.{f.name}={value!r}: use {listed}")
+
+
 def validate(cfg: Config) -> None:
     """Reject configs that cannot train, with a message naming the field."""
+    check_choices(cfg)
     m, o, t, s = cfg.model, cfg.objective, cfg.train, cfg.sample
     if m.image_size % m.patch_size:
         raise ConfigError(f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}")
@@ -335,12 +341,6 @@ def validate(cfg: Config) -> None:
     for name in ("image_size", "patch_size", "hidden_size", "depth", "num_heads", "bottleneck", "num_classes"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"model.{name} must be positive")
-    if o.label_dropout not in ("bernoulli", "first"):
-        raise ConfigError(f"objective.label_dropout={o.label_dropout!r}: use 'first' (official) or 'bernoulli'")
-    if o.perceptual_crop not in ("official", "redraw"):
-        raise ConfigError(f"objective.perceptual_crop={o.perceptual_crop!r}: use 'official' or 'redraw'")
-    if o.perceptual_weights not in ("pretrained", "random"):
-        raise ConfigError(f"objective.perceptual_weights={o.perceptual_weights!r}: use 'pretrained' or 'random'")
     for name in ("data_proportion", "tr_uniform", "class_dropout_prob"):
         if not 0.0 <= getattr(o, name) <= 1.0:
             raise ConfigError(f"objective.{name} must be in [0, 1]")
@@ -350,12 +350,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.ns_coefficients needs 3 numbers and optim.adam_betas 2")
     if t.batch_size <= 0 or t.steps < 0 or t.epochs < 0:
         raise ConfigError("train.batch_size must be positive, train.steps and train.epochs >= 0")
-    if t.impl not in ("auto", "fast", "eager", "reference"):
-        raise ConfigError(f"train.impl={t.impl!r}: use auto, fast, eager or reference")
-    if t.loader not in ("auto", "dali", "pil"):
-        raise ConfigError(f"train.loader={t.loader!r}: use auto, dali or pil")
-    if t.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"train.precision={t.precision!r}: use auto, fp32 or bf16")
     if any(h <= 0 for h in t.ema_halflives_kimg):
         raise ConfigError("train.ema_halflives_kimg must be positive")
     for name in ("log_every", "ckpt_every"):
@@ -366,16 +360,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.{name}={getattr(t, name)} must be >= 0 (0 turns it off)")
     if t.time_budget_s < 0:
         raise ConfigError(f"train.time_budget_s={t.time_budget_s:g} must be >= 0 seconds (0 = no limit)")
-    if t.parallel not in ("ddp", "fsdp"):
-        raise ConfigError(f"train.parallel={t.parallel!r}: use 'ddp' or 'fsdp'")
     if t.shard_size < 0:
         raise ConfigError(f"train.shard_size={t.shard_size} must be >= 0 (0 = shard over all ranks)")
-    if t.compile not in ("auto", "blocks", "none"):
-        raise ConfigError(f"train.compile={t.compile!r}: use 'auto', 'blocks' or 'none'")
-    if t.checkpointing not in ("none", "blocks"):
-        raise ConfigError(f"train.checkpointing={t.checkpointing!r}: use 'none' or 'blocks'")
-    if t.nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"train.nonfinite={t.nonfinite!r}: use 'stop' or 'skip'")
     if t.max_nonfinite < 1:
         raise ConfigError(f"train.max_nonfinite={t.max_nonfinite} must be >= 1")
     if t.stop_check_every < 1:
@@ -383,8 +369,6 @@ def validate(cfg: Config) -> None:
     p = cfg.optim
     if p.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={p.warmup_steps} must be >= 0 (0 = no warm-up)")
-    if p.decay not in ("none", "cosine"):
-        raise ConfigError(f"optim.decay={p.decay!r}: use 'none' or 'cosine'")
     if not 0.0 <= p.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio={p.min_lr_ratio:g} must be in [0, 1]")
     if s.ema not in ("auto", "raw"):

@@ -60,7 +60,7 @@ def test_overrides_and_roundtrip(tmp_path):
     (["sample.omega=0.5"], "omega"),
     (["objective.label_dropout=random"], "objective.label_dropout='random'"),
     (["objective.perceptual_crop=center"], "objective.perceptual_crop='center'"),
-    # issue 11.7: refused before any work, each naming the field
+    # refused before any work, each naming the field
     (["train.log_every=0"], r"train\.log_every=0 must be a positive"),
     (["train.ckpt_every=-5"], r"train\.ckpt_every=-5 must be a positive"),
     (["train.sample_every=-1"], r"train\.sample_every=-1 must be >= 0"),
@@ -148,3 +148,20 @@ def test_one_home_for_the_newton_schulz_coefficients():
 
 def test_cpu_presets_keep_bernoulli_label_dropout():
     assert get_config("pMF-T/4-digits").objective.label_dropout == "bernoulli"
+
+
+def test_every_choice_field_is_checked():
+    """Each Literal[...] field refuses a value outside its choices, naming the field and the choices."""
+    import dataclasses
+    import typing
+    cfg = get_config("pMF-B/16")
+    fields = [(s.name, f.name, typing.get_args(typing.get_type_hints(type(getattr(cfg, s.name)))[f.name]))
+              for s in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, s.name))
+              for f in dataclasses.fields(getattr(cfg, s.name))
+              if typing.get_origin(typing.get_type_hints(type(getattr(cfg, s.name)))[f.name]) is typing.Literal]
+    assert len(fields) >= 10
+    for section, name, choices in fields:
+        with pytest.raises(ConfigError, match=rf"{section}\.{name}='bogus': use '{choices[0]}'"):
+            get_config("pMF-B/16", [f"{section}.{name}=bogus"])
+        ok = get_config("pMF-B/16", [f"{section}.{name}={choices[-1]}"])
+        assert getattr(getattr(ok, section), name) == choices[-1]
