@@ -76,9 +76,9 @@ def load_model(a, device):
         own = {"model": cfg.to_dict()["model"]}
         diff = config_diff(own, {"model": get_config(a.preset).to_dict()["model"]})
         if diff:
-            raise ConfigError(f"--preset {a.preset} disagrees with {a.ckpt}, which holds a {cfg.preset} model ("
-                              + ", ".join(f"{k}: {x} vs {y}" for k, x, y in diff[:3]) + (" ..." if len(diff) > 3 else "")
-                              + "); drop --preset: a pmf-fast checkpoint carries its own config")
+            shown = ", ".join(f"{k}: {x} vs {y}" for k, x, y in diff[:3]) + (" ..." if len(diff) > 3 else "")
+            raise ConfigError(f"--preset {a.preset} disagrees with {a.ckpt}, which holds a {cfg.preset} model "
+                              f"({shown}); drop --preset: a pmf-fast checkpoint carries its own config")
     for field, value in (("omega", a.omega), ("t_min", a.t_min), ("t_max", a.t_max), ("num_steps", a.steps)):
         if value is not None:
             setattr(cfg.sample, field, value)
@@ -91,7 +91,8 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="our ckpt_<step>.pt, or an official file such as pMF-B-16.pt")
     p.add_argument("--preset", default=None, help="preset of an official file, e.g. pMF-B/16")
     p.add_argument("--out", default="samples.png", help=".png grid or .npz (ADM layout)")
-    p.add_argument("--num-samples", type=int, default=None, help="number of images (png: classes x per-row; npz: 50000)")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="number of images (png: classes x per-row; npz: 50000)")
     p.add_argument("--classes", type=int, default=None, help="classes to cycle through (default: all)")
     p.add_argument("--per-row", type=int, default=8)
     p.add_argument("--omega", type=float, default=None)

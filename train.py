@@ -20,15 +20,22 @@ import time
 import torch
 
 from pmf_fast import dist
-from pmf_fast.checkpoint import (CheckpointError, all_finite, is_sharded, load_sharded, remove_stale_temporaries,
-                                 save_checkpoint, save_sharded)
+from pmf_fast.checkpoint import (
+    CheckpointError,
+    all_finite,
+    is_sharded,
+    load_sharded,
+    remove_stale_temporaries,
+    save_checkpoint,
+    save_sharded,
+)
 from pmf_fast.config import DEFAULT_PRESET, ConfigError, save_config
 from pmf_fast.data import make_loader
 from pmf_fast.ema import EMAs, full
 from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
 from pmf_fast.muon import build_optimizers
-from pmf_fast.run import Log, StopSignals, TrainState, finished, lr_factor, resolve_run
+from pmf_fast.run import END, Log, RunBusy, StopSignals, TrainState, claim_run_dir, find_run, lr_factor, run_dir_of
 from pmf_fast.sampling import class_grid, judge_digits, pick_ema, row_labels, save_grid
 
 
@@ -48,13 +55,23 @@ def parse_args(argv):
 def main(argv=None):
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     rank, world, _, device = dist.setup()
+    # one owner per run directory: rank 0 holds its lock while training; a refusal stops every rank
+    lock = claim_run_dir(run_dir_of(args.preset, args.name, args.resume, overrides), rank == 0)
+    try:
+        return train(args, overrides, rank, world, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(args, overrides, rank, world, device):
     is_main = rank == 0
 
     # ---------------------------------------------------------------- config and run directory (fail before any write)
-    cfg, run_dir, meta, ckpt_path = resolve_run(args.preset, args.name, args.resume, overrides,
-                                                print if is_main else (lambda s: None))
+    cfg, run_dir, meta, ckpt_path, stage = find_run(args.preset, args.name, args.resume, overrides,
+                                                    print if is_main else (lambda s: None))
     m, o, tc = cfg.model, cfg.objective, cfg.train
-    if meta is not None and finished(meta, cfg):
+    if stage == "done":
         if is_main:
             print(f"{run_dir} already finished at step {meta['train']['step']}: nothing to do (raise train.steps or "
                   f"train.time_budget_s with --resume to train longer, or pass --name for a new run)")
@@ -96,7 +113,8 @@ def main(argv=None):
         log("train.compile: no C++ compiler for torch.compile on the CPU (g++, or set $CXX); blocks run eager")
         compiled = False
     log(f"run {run_dir}: {cfg.preset}, {n_images} images, {n_classes} classes, {steps} steps of {tc.batch_size} "
-        f"({world} ranks, {device.type}, {'bf16' if bf16 else 'fp32'}, impl {impl}, {tc.parallel if world > 1 else 'one rank'}"
+        f"({world} ranks, {device.type}, {'bf16' if bf16 else 'fp32'}, impl {impl}, "
+        f"{tc.parallel if world > 1 else 'one rank'}"
         f", blocks {'compiled' if compiled else 'eager'}, checkpointing {tc.checkpointing})")
 
     # ---------------------------------------------------------------- model, parallelism, optimizers, EMAs, losses
@@ -130,8 +148,9 @@ def main(argv=None):
 
     if meta is not None:                             # resume: every stateful piece takes its own state
         if sharded != is_sharded(ckpt_path):
-            raise ConfigError(f"{ckpt_path} was written with train.parallel={'fsdp' if is_sharded(ckpt_path) else 'ddp'}"
-                              "; resume with the same train.parallel")
+            written = "fsdp" if is_sharded(ckpt_path) else "ddp"
+            raise ConfigError(f"{ckpt_path} was written with train.parallel={written}; resume with the same "
+                              "train.parallel")
         if sharded:
             from torch.distributed.checkpoint.state_dict import set_state_dict
             saved = shards()
@@ -142,9 +161,10 @@ def main(argv=None):
             for opt, s in zip(optimizers, meta["optimizers"]):
                 opt.load_state_dict(s)
             emas.load_state_dict(meta["emas"])
-        state.load_state_dict(meta["train"], log)
+        state.load_state_dict(meta["train"], log, finished=stage == "end")
         log.truncate(state.step)
-        log(f"resumed from {ckpt_path} at step {state.step}")
+        log(f"resumed from {ckpt_path} at step {state.step}" +
+            (": training had finished, its end stage had not; completing it" if stage == "end" else ""))
         del meta
     if is_main:
         save_config(cfg, os.path.join(run_dir, "config.json"))   # only now: a refused resume changed nothing
@@ -191,7 +211,7 @@ def main(argv=None):
     t_start, t_log = time.time() - state.elapsed, time.time()
     sums, n_sum, bad = {}, 0, torch.zeros((), device=device)
     skipped_in_a_row, stop_reason, progress = 0, None, 0.0
-    while state.step < steps:
+    while state.step < steps and not state.finished:
         factor = lr_factor(cfg.optim, state.step, max(state.step / steps, progress))
         for opt in optimizers:
             for g in opt.param_groups:
@@ -274,7 +294,8 @@ def main(argv=None):
     if stop_reason and not state.finished:
         log(f"stopped at step {state.step} ({stop_reason}); checkpoint written: run the same command to continue")
     else:
-        log(f"trained {state.step} steps in {time.time() - t_start:.0f} s" + (f" ({stop_reason})" if stop_reason else ""))
+        log(f"trained {state.step} steps in {time.time() - t_start:.0f} s"
+            + (f" ({stop_reason})" if stop_reason else ""))
         path = sample_grid()
         log(f"samples: {path}")
         if tc.data == "digits":
@@ -285,6 +306,7 @@ def main(argv=None):
                 log.write_json("metrics.json", metrics)
                 log.scalars(state.step, {f"judge/{k}": v for k, v in metrics.items()})
                 log("judge: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        log.write_json(END, {"step": state.step})   # last: a run killed before this completes its end stage
     log.close()
     dist.cleanup()
     return run_dir
@@ -295,7 +317,7 @@ if __name__ == "__main__":
         main()
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (CheckpointError, FileNotFoundError) as e:     # bad input: the message says what and where
+    except (CheckpointError, FileNotFoundError, RunBusy) as e:   # bad input or a taken run: what and where
         sys.exit(f"error: {e}")
     except FloatingPointError as e:
         sys.exit(f"error: training stopped: {e}")

@@ -8,15 +8,19 @@ preemption continue where the run stopped); a different config there is refused,
 `--resume runs/X key=value ...` continues a run with overrides; overrides that change tensor shapes
 (model.*, the EMA half-lives) are refused before anything is written.
 """
+import datetime
 import json
 import math
 import os
 import signal
+import socket
+import threading
+import time
 
 import torch
 
-from .atomic import atomic_write
-from .checkpoint import list_checkpoints, load_latest
+from .atomic import atomic_write, clean_temporaries
+from .checkpoint import CheckpointError, list_checkpoints, load_latest
 from .config import Config, ConfigError, get_config, set_field, validate
 from .dist import all_gather_objects
 
@@ -49,6 +53,224 @@ def _describe(diff):
     return ", ".join(f"{k}: {a} -> {b}" for k, a, b in diff[:6]) + (" ..." if len(diff) > 6 else "")
 
 
+# ----------------------------------------------------------------------------- one owner per run directory
+LOCK = "run.lock"
+END = "end.json"                 # written last by the end stage: {"step": N} once samples and metrics are there
+
+
+class RunBusy(RuntimeError):
+    """The run directory is held by a live run."""
+
+
+class RunLock:
+    """An O_EXCL lock file in the run directory (atomic create, also on NFS v3+) naming its holder:
+    host, pid, start time, and a heartbeat counter that a thread of the holder rewrites every
+    `heartbeat_s`. A lock whose holder is gone is stale and taken over:
+    - same host: the pid is not alive (os.kill(pid, 0)); decided at once (kill -9, a crash);
+    - another host (its pid means nothing here): the heartbeat stops. The file is watched for up to
+      `stale_after_s`: a beat means a live holder (refused within one heartbeat); none, or a file
+      already older than `stale_after_s`, means the holder's node is gone. Watching the counter,
+      not comparing mtimes with our clock, is immune to clock skew between hosts and to NFS's
+      cached file attributes (a reopen reads fresh content). A requeued job on another node thus
+      waits at most `stale_after_s` for a lost node's lock."""
+
+    def __init__(self, run_dir, heartbeat_s=10.0, stale_after_s=60.0):
+        self.run_dir, self.path = run_dir, os.path.join(run_dir, LOCK)
+        self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "beat": 0}
+        self.created_dir, self.held, self._stop = False, False, threading.Event()
+        self._thread = None
+
+    def _read(self):
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            return {}                                # torn by a crash mid-create: no live holder wrote it
+
+    def _mine(self, holder):
+        return holder is not None and {k: holder.get(k) for k in ("host", "pid", "since")} == \
+            {k: self.me[k] for k in ("host", "pid", "since")}
+
+    def _stale(self, holder):
+        if not holder or "pid" not in holder:
+            return True
+        if holder.get("host") == self.me["host"]:
+            return holder["pid"] != os.getpid() and not _pid_alive(holder["pid"])
+        deadline = time.monotonic() + self.stale_after_s
+        while time.monotonic() < deadline:
+            if _age(self.path) > self.stale_after_s:
+                return True
+            now = self._read()
+            if now != holder:
+                return False                         # a beat (or a new holder): alive
+            time.sleep(min(1.0, self.heartbeat_s / 4))
+        return True
+
+    def acquire(self):
+        """Hold the lock or raise RunBusy naming the holder. Creates run_dir when missing (and
+        release() removes it again if nothing else was written there)."""
+        self.created_dir = not os.path.isdir(self.run_dir)
+        os.makedirs(self.run_dir, exist_ok=True)
+        clean_temporaries(self.run_dir, LOCK)        # a heartbeat cut by a kill
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read()
+                if holder is None:
+                    continue                         # released between our create and our read
+                if not holder and _age(self.path) < 5:
+                    time.sleep(0.1)                  # just created, its content not yet written
+                    continue
+                if not self._stale(holder):
+                    raise RunBusy(f"{self.run_dir} is in use by another run (host {holder.get('host')}, pid "
+                                  f"{holder.get('pid')}, since {holder.get('since')}); wait for it to end or stop "
+                                  "it, or pass --name for a new run") from None
+                self._take_over(holder)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+            self.held = True
+            self._thread = threading.Thread(target=self._beat, daemon=True, name="run-lock-heartbeat")
+            self._thread.start()
+            return self
+        raise RunBusy(f"{self.run_dir}: could not take the lock {LOCK} (other runs keep taking it over)")
+
+    def _take_over(self, stale):
+        """Move the stale lock aside; if it changed since it was judged (another starter took it over
+        first, or its holder beat), put it back unless the path is taken again."""
+        aside = f"{self.path}.stale.{os.getpid()}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            with open(aside) as f:
+                moved = json.load(f)
+        except (ValueError, OSError):
+            moved = {}
+        if moved != stale and moved:
+            try:
+                os.link(aside, self.path)            # never replaces a lock created meanwhile
+            except OSError:
+                pass
+        os.remove(aside)
+
+    def _beat(self):
+        while not self._stop.wait(self.heartbeat_s):
+            if not self._mine(self._read()):
+                return                               # taken over (this process was judged gone): stop beating
+            self.me["beat"] += 1
+            try:
+                atomic_write(self.path, lambda f: json.dump(self.me, f), mode="w")
+            except OSError:
+                pass                                 # a full disk: the next beat tries again
+
+    def release(self):
+        """Remove the lock if this process still holds it; remove run_dir if this lock created it and
+        nothing else was written there (a refused start leaves nothing behind)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.held and self._mine(self._read()):
+            os.remove(self.path)
+        self.held = False
+        if self.created_dir:
+            try:
+                os.rmdir(self.run_dir)
+            except OSError:
+                pass
+
+
+def _age(path):
+    """Seconds since path was last written (0 when it is gone: the caller reads it again)."""
+    try:
+        return time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                                  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def claim_run_dir(run_dir, is_main):
+    """Rank 0 takes the run directory's lock; every rank learns the outcome (a collective), so a
+    refusal stops all ranks with the same RunBusy. Returns the lock (None on other ranks)."""
+    lock, refusal = None, None
+    if is_main:
+        try:
+            lock = RunLock(run_dir).acquire()
+        except RunBusy as e:
+            refusal = str(e)
+    refusal = all_gather_objects(refusal)[0]
+    if refusal:
+        raise RunBusy(refusal)
+    return lock
+
+
+def run_dir_of(preset, name, resume, overrides):
+    """The run directory a command trains in (--resume's, else train.out_dir/<name or preset>);
+    ConfigError for a bad preset or override, before any write."""
+    if resume:
+        return resume
+    cfg = get_config(preset, overrides)
+    return os.path.join(cfg.train.out_dir, name or cfg.preset.replace("/", "-"))
+
+
+def run_stage(meta, cfg, run_dir):
+    """"train" (fresh, or steps left), "end" (training finished, its end stage did not: final
+    samples, metrics.json) or "done"."""
+    if meta is None or not finished(meta, cfg):
+        return "train"
+    try:
+        with open(os.path.join(run_dir, END)) as f:
+            done = json.load(f).get("step") == meta["train"]["step"]
+    except (OSError, ValueError, AttributeError):
+        done = False
+    return "done" if done else "end"
+
+
+def agree_on_resume(run_dir, ckpt_path, stage):
+    """Every rank must resume from the same checkpoint (file and step) at the same stage, as they
+    agree on stops; a rank that sees another newest checkpoint, or none, stops every rank with one
+    line naming the ranks, hosts and paths. A collective."""
+    mine = (socket.gethostname(), os.path.abspath(run_dir), os.path.basename(ckpt_path) if ckpt_path else None, stage)
+    views = all_gather_objects(mine)
+    if len({(v[2], v[3]) for v in views}) == 1:
+        return
+    groups = {}
+    for rank, (host, path, ckpt, st) in enumerate(views):
+        groups.setdefault((ckpt, st), []).append((rank, host, path))
+    parts = []
+    for (ckpt, st), who in groups.items():
+        ranks = ",".join(str(r) for r, _, _ in who)
+        hosts = ",".join(sorted({h for _, h, _ in who}))
+        paths = ",".join(sorted({p for _, _, p in who}))
+        parts.append(f"rank(s) {ranks} on {hosts} see {ckpt or 'no checkpoint'} ({st}) in {paths}")
+    raise CheckpointError("the ranks disagree on the checkpoint to resume from: " + "; ".join(parts) +
+                          ". The run directory must be on storage every node sees (set train.out_dir to it)")
+
+
+def find_run(preset, name, resume, overrides, log):
+    """(cfg, run_dir, meta, ckpt_path, stage) of a command, agreed by all ranks: resolve_run on each,
+    then the stage (run_stage) and the checkpoint compared across ranks (agree_on_resume)."""
+    cfg, run_dir, meta, ckpt_path = resolve_run(preset, name, resume, overrides, log)
+    stage = run_stage(meta, cfg, run_dir)
+    agree_on_resume(run_dir, ckpt_path, stage)
+    return cfg, run_dir, meta, ckpt_path, stage
+
+
 def resolve_run(preset, name, resume, overrides, log):
     """(cfg, run_dir, meta, ckpt_path): meta and ckpt_path are None for a fresh run. Raises ConfigError
     for a run directory that holds another run or shape-changing overrides, before any write."""
@@ -70,10 +292,10 @@ def resolve_run(preset, name, resume, overrides, log):
                 if [d for d in diff if d[0] not in RUN_CONTROL]:
                     raise ConfigError(f"{run_dir} holds another run ({_describe(diff)}); pass --name for a new run")
                 log(f"{run_dir} holds a run of the same config that never wrote a checkpoint: starting it over")
-                for f in ("log.jsonl", "metrics.json"):
+                for f in ("log.jsonl", "metrics.json", END):
                     if os.path.exists(os.path.join(run_dir, f)):
                         os.remove(os.path.join(run_dir, f))
-            elif os.path.isdir(run_dir) and os.listdir(run_dir):
+            elif os.path.isdir(run_dir) and set(os.listdir(run_dir)) - {LOCK}:
                 raise ConfigError(f"{run_dir} is not empty and holds no pmf-fast run; pass --name for a new run")
             return cfg, run_dir, None, None
         meta, path = load_latest(run_dir, log)
@@ -108,12 +330,14 @@ class TrainState:
         self.cpu_gen = torch.Generator().manual_seed(seed + rank)       # the crop seed (no GPU sync)
 
     def state_dict(self):
-        mine = {"rng": self.gen.get_state().cpu(), "cpu_rng": self.cpu_gen.get_state(), "data": self.loader.state_dict()}
+        mine = {"rng": self.gen.get_state().cpu(), "cpu_rng": self.cpu_gen.get_state(),
+                "data": self.loader.state_dict()}
         ranks = all_gather_objects(mine)
         return {"step": self.step, "elapsed_s": self.elapsed, "finished": self.finished, "ranks": ranks}
 
-    def load_state_dict(self, state, log):
-        self.step, self.elapsed, self.finished = state["step"], state.get("elapsed_s", 0.0), False
+    def load_state_dict(self, state, log, finished=False):
+        """finished: the run's training is over (run_stage "end"): only the end stage is left."""
+        self.step, self.elapsed, self.finished = state["step"], state.get("elapsed_s", 0.0), finished
         ranks = state["ranks"]
         if len(ranks) == self.world:
             mine = ranks[self.rank]
