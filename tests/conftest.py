@@ -37,6 +37,16 @@ def wake_up(model, std=0.3):
     return model
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip without CUDA, with the marker's reason (pytest.ini registers it)."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=marker.kwargs.get("reason", "needs a CUDA GPU")))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -108,7 +108,7 @@ def test_backward_variants(variant, shape, dtype):
         assert_close_by_rule(gi, ri, ei, f"{variant} d{n}")
 
 
-@pytest.mark.skipif(not GPU, reason="the CUDA flash-attention backward needs a CUDA GPU (sm80+)")
+@pytest.mark.gpu(reason="the CUDA flash-attention backward needs a CUDA GPU (sm80+)")
 @pytest.mark.parametrize("D", [64, 80])
 def test_torch_flash_backward_on_gpu(D):
     """pMF's shapes in bf16 through the CUDA flash backward; our LSE equals the one torch's own flash

@@ -107,7 +107,7 @@ def test_fast_step_saves_at_most_half_the_reference():
     assert fast <= 0.5 * ref
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist only with a GPU")
+@pytest.mark.gpu(reason="host-device syncs exist only with a GPU")
 def test_a_training_step_does_not_sync_the_host():
     """Between train.py's stop checks a step (draws, targets, JVP, loss, backward, Muon + AdamW,
     EMAs) must queue GPU work without waiting for it: any sync raises under the debug mode."""
