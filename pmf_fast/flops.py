@@ -7,8 +7,14 @@ A step (train.py with the explicit JVP) is:
   JVP       trunk + u-head with their tangents, and the v-head on the primal
   backward  2x the forward of everything with gradient, except the first layer of each scalar
             embedder and the patch convolution (their inputs need no gradient: 1x)
+
+The perceptual losses (perceptual_flops) add, per sample, the paired crop's resampling matmuls and
+the frozen networks at 224 px: forward on both images, and a backward for the input gradient only
+on the prediction (1x its forward: no weight gradients). At pMF-B/16 with both terms that is
+~185 GFLOP beside the model's ~504 (bench_train_step reports MFU with and without them).
 """
 from dataclasses import dataclass
+from math import prod
 
 from .config import ModelConfig
 from .layers import mlp_hidden
@@ -48,3 +54,63 @@ def step_flops(m: ModelConfig) -> StepFlops:
     with_grad_forward = embed + (shared + 2 * head) * block + 2 * final
     backward = 2 * with_grad_forward - patch1 - 4 * emb1
     return StepFlops(targets, jvp, backward)
+
+
+# ----------------------------------------------------------------------------- perceptual networks
+def conv_flops(out_hw, c_in, c_out, k, groups=1):
+    """A k x k convolution producing out_hw x out_hw pixels (or a linear layer per pixel: k=1)."""
+    return 2 * out_hw * out_hw * c_out * (c_in // groups) * k * k
+
+
+VGG16_TRUNK = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))  # LPIPS: up to relu5_3
+
+
+def lpips_vgg_flops(size=224):
+    """(trunk, heads): the VGG16 trunk's forward on one image (13 3x3 convolutions, a 2x2 max-pool
+    between stages) and LPIPS's 1x1 heads on the squared feature difference of a pair."""
+    trunk, heads, c, hw = 0, 0, 3, size
+    for stage, widths in enumerate(VGG16_TRUNK):
+        hw = hw if stage == 0 else hw // 2
+        for w in widths:
+            trunk, c = trunk + conv_flops(hw, c, w, 3), w
+        heads += conv_flops(hw, c, 1, 1)
+    return trunk, heads
+
+
+def convnext_v2_flops(size=224, depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)):
+    """The ConvNeXt-V2 forward on one image (base by default): 4x4 stem, per block a 7x7 depthwise
+    convolution and the 4x MLP, 2x2 downsampling between stages; pooled features, no classifier."""
+    hw = size // 4
+    total = conv_flops(hw, 3, dims[0], 4)
+    for stage, (depth, dim) in enumerate(zip(depths, dims)):
+        if stage:
+            hw //= 2
+            total += conv_flops(hw, dims[stage - 1], dim, 2)
+        total += depth * (conv_flops(hw, dim, dim, 7, groups=dim) + 2 * conv_flops(hw, dim, 4 * dim, 1))
+    return total
+
+
+def crop_flops(image_size, channels, size=224):
+    """pmf_fast.perceptual.crop_resize on one image: x @ Rx^T, then Ry @ (that)."""
+    return 2 * channels * size * image_size * (image_size + size)
+
+
+def perceptual_flops(image_size, channels, lpips=True, convnext=True, size=224):
+    """FLOPs per sample of the perceptual losses as pmf_loss computes them (every sample, masked by
+    t afterwards): the crop and each network forward on both images, backward for the prediction's
+    input gradient (frozen networks: 1x forward)."""
+    per_image = crop_flops(image_size, channels, size)
+    pair_extra = 0
+    if lpips:
+        trunk, heads = lpips_vgg_flops(size)
+        per_image += trunk
+        pair_extra += 2 * heads                        # on the difference: forward and input gradient
+    if convnext:
+        per_image += convnext_v2_flops(size)
+    return 3 * per_image + pair_extra
+
+
+def whole_step_flops(m: ModelConfig, lpips=False, convnext=False):
+    """FLOPs per image of one training step with the perceptual terms that are on."""
+    extra = perceptual_flops(m.image_size, m.in_channels, lpips, convnext) if lpips or convnext else 0
+    return step_flops(m).total + extra

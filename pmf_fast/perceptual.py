@@ -14,6 +14,7 @@ Nothing downloads. Weight files:
       $TORCH_HOME/pmf_fast/convnextv2-base-22k-224.safetensors.
 With objective.perceptual_weights=random both trunks are randomly initialised (tests, offline demos).
 """
+import contextlib
 import math
 import os
 import re
@@ -134,7 +135,8 @@ def crop_resize(images, windows, size=224):
     n, _, h, w = images[0].shape
     dtype = torch.promote_types(images[0].dtype, torch.float32)
     ry, rx = resize_matrices(windows, h, w, size, images[0].device, dtype)
-    with torch.autocast(images[0].device.type, enabled=False):
+    dev = images[0].device.type
+    with torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext():
         # each image apart: the backward then resamples only the ones that need a gradient
         return tuple(ry[:, None] @ (x.to(dtype) @ rx[:, None].transpose(-1, -2)) for x in images)
 

@@ -25,3 +25,26 @@ def test_analytic_step_flops_match_flop_counter(preset, batch):
     analytic = step_flops(m).total
     print(f"{preset}: analytic {analytic / 1e9:.3f} GFLOP/image, flop_counter {measured / 1e9:.3f}")
     assert abs(analytic - measured) / measured < 0.05
+
+
+# ConvNeXt-V2-B's meta forward+backward takes 5 s on 2 cores: it runs once, with both terms
+@pytest.mark.parametrize("lpips, convnext, image_size, channels", [(True, True, 256, 3), (True, False, 64, 1)])
+def test_perceptual_flops_match_flop_counter(lpips, convnext, image_size, channels):
+    """The analytic perceptual count against torch.utils.flop_counter on the real networks (LPIPS'
+    VGG16 trunk and timm's convnextv2_base, random weights, on the meta device: shapes only), run as
+    pmf_loss runs them: the paired crop, both images forward, the prediction's input gradient."""
+    from pmf_fast.flops import perceptual_flops
+    from pmf_fast.perceptual import PerceptualLoss
+    batch = 2
+    with torch.device("meta"):
+        loss_fn = PerceptualLoss(0.4 * lpips, 0.1 * convnext, weights="random").to("meta")
+        x = torch.randn(batch, channels, image_size, image_size)
+        x_hat = torch.randn(batch, channels, image_size, image_size, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        lp, cn = loss_fn(x_hat, x, seed=0)
+        sum(t.sum() for t in (lp, cn) if t is not None).backward()
+    measured = counter.get_total_flops() / batch
+    analytic = perceptual_flops(image_size, channels, lpips, convnext)
+    print(f"lpips {lpips}, convnext {convnext}: analytic {analytic / 1e9:.3f} GFLOP/sample, "
+          f"flop_counter {measured / 1e9:.3f}")
+    assert abs(analytic - measured) / measured < 0.01
