@@ -98,8 +98,8 @@ def _tiles(r, dtype):
       bf16 / fp16, 3 stages: r = 128: 120 KiB; r = 256 (M tile 32, 8 warps: the fp32 bottleneck
         stays in registers): 136 KiB.
       fp32 with the bf16 tiles, 3 stages: r = 128: 192 KiB; r = 256: 304 KiB with [256, 64] w2
-        tiles, 240 KiB with [256, 32]: over the limit, the H/16 fp32 failures of issue 10 on an H200
-        (the tool gives the same verdict as that run for every case: only fp32 r = 256 over).
+        tiles, 240 KiB with [256, 32]: over the limit (an H200 refused the r = 256 launch;
+        the tool gives the card's verdict for every case: only fp32 r = 256 over).
         fp32 is a test dtype, not a training one (its IEEE products use no tensor cores), so it
         takes 32-token tiles, 8 warps and 2 stages: 88 and 136 KiB (within an A100's 163 KiB),
         no spills (r = 128 spilled 2.5 KiB per thread), and 4 s instead of 13 s to compile r = 128

@@ -133,7 +133,7 @@ def test_presets_match_the_paper(preset):
     # shared by every paper preset (Tab. 8; official pmf.py / default.py)
     assert (o.P_std, o.data_proportion, o.class_dropout_prob, o.cfg_max, o.t_eps) == (0.8, 0.5, 0.1, 7.0, 0.05)
     assert (o.lpips_weight, o.convnext_weight, o.norm_p, o.norm_eps) == (0.4, 0.1, 1.0, 0.01)
-    assert o.label_dropout == "first" and o.perceptual_crop == "official"    # the official rules (issue 12)
+    assert o.label_dropout == "first" and o.perceptual_crop == "official"    # the official rules
     assert (c.optim.lr, c.optim.warmup_steps, c.optim.decay, c.optim.weight_decay) == (1e-3, 0, "none", 0.0)
     assert c.optim.adam_betas == (0.9, 0.95) and c.train.batch_size == 1024
     assert c.train.ema_halflives_kimg == (500, 1000, 2000)

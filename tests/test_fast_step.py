@@ -99,7 +99,7 @@ def test_a_few_optimizer_steps_stay_together():
 
 
 def test_fast_step_saves_at_most_half_the_reference():
-    """Issue target at the real pMF-B/16 shapes (one image, fp32, CPU): bytes saved for backward."""
+    """The memory target at the real pMF-B/16 shapes (one image, fp32, CPU): bytes saved for backward."""
     from bench.bench_memory import saved_bytes_per_image
     ref = saved_bytes_per_image("pMF-B/16", "reference")
     fast = saved_bytes_per_image("pMF-B/16", "fast")

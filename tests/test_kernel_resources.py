@@ -3,7 +3,7 @@ machine (bench/kernel_resources.py): it compiles, its shared memory fits the car
 training runs spills.
 
 No GPU is needed: Triton compiles ahead of time and its wheel ships ptxas and cuobjdump. This is the
-check that finds a launch like the fp32 patch embedding at r = 256 of issue 10 (it asked an H200
+check that finds a launch like the fp32 patch embedding at r = 256 (it asked an H200
 for 304 KiB of shared memory) before a GPU does. The tool runs in a child process: the tests here
 run with TRITON_INTERPRET=1, under which Triton's kernels are interpreted functions that do not
 compile for a GPU."""
