@@ -14,13 +14,13 @@ small GEMMs. X <- a X + B X is a batched cuBLAS GEMM (torch.baddbmm). On GPU the
 bf16 with fp32 accumulation (dtype=None means bf16 on CUDA); on CPU without TRITON_INTERPRET=1
 the reference runs instead.
 
-Muon runs newton_schulz_ref under torch.compile; this kernel stays a benchmarked alternative,
-to be used only if it beats the compiled batched reference by at least 1.3x. Measured over the 178
-Muon matrices of pMF-B/16 (H200, torch 2.11, triton 3.6): kernel 8.73 ms, compiled reference
-8.73 ms (1.00x), torch.optim.Muon's per-matrix loop 5.5x slower than either. The gain over Muon's loop comes from batching same-shape
-matrices, which the compiled reference does as well; computing only the lower-triangle tiles gave
-nothing measurable on top of it. bench/bench_newton_schulz.py reports all three in one run; revisit
-the choice when its kernel-vs-compiled row reaches 1.3x.
+Muon runs newton_schulz_ref under torch.compile; this kernel stays a benchmarked alternative, to be
+used only if it beats the compiled batched reference by at least 1.3x. Measured over the 178 Muon
+matrices of pMF-B/16 (H200, torch 2.11, triton 3.6): kernel 8.73 ms, compiled reference 8.73 ms
+(1.00x), torch.optim.Muon's per-matrix loop 5.5x slower than either. The gain over Muon's loop comes
+from batching same-shape matrices, which the compiled reference does as well; computing only the
+lower-triangle tiles gave nothing measurable on top of it. bench/bench_newton_schulz.py reports all
+three in one run; revisit the choice when its kernel-vs-compiled row reaches 1.3x.
 """
 
 import torch
