@@ -77,9 +77,14 @@ def lpips_vgg_flops(size=224):
     return trunk, heads
 
 
-def convnext_v2_flops(size=224, depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)):
-    """The ConvNeXt-V2 forward on one image (base by default): 4x4 stem, per block a 7x7 depthwise
-    convolution and the 4x MLP, 2x2 downsampling between stages; pooled features, no classifier."""
+CONVNEXT_V2 = {"convnextv2_base": ((3, 3, 27, 3), (128, 256, 512, 1024)),    # timm's depths, widths
+               "convnextv2_atto": ((2, 2, 6, 2), (40, 80, 160, 320))}
+
+
+def convnext_v2_flops(size=224, name="convnextv2_base"):
+    """The ConvNeXt-V2 forward on one image: 4x4 stem, per block a 7x7 depthwise convolution and the
+    4x MLP, 2x2 downsampling between stages; pooled features, no classifier."""
+    depths, dims = CONVNEXT_V2[name]
     hw = size // 4
     total = conv_flops(hw, 3, dims[0], 4)
     for stage, (depth, dim) in enumerate(zip(depths, dims)):
@@ -95,10 +100,10 @@ def crop_flops(image_size, channels, size=224):
     return 2 * channels * size * image_size * (image_size + size)
 
 
-def perceptual_flops(image_size, channels, lpips=True, convnext=True, size=224):
+def perceptual_flops(image_size, channels, lpips=True, convnext="convnextv2_base", size=224):
     """FLOPs per sample of the perceptual losses as pmf_loss computes them (every sample, masked by
     t afterwards): the crop and each network forward on both images, backward for the prediction's
-    input gradient (frozen networks: 1x forward)."""
+    input gradient (frozen networks: 1x forward). convnext: a CONVNEXT_V2 name, or None (term off)."""
     per_image = crop_flops(image_size, channels, size)
     pair_extra = 0
     if lpips:
@@ -106,11 +111,11 @@ def perceptual_flops(image_size, channels, lpips=True, convnext=True, size=224):
         per_image += trunk
         pair_extra += 2 * heads                        # on the difference: forward and input gradient
     if convnext:
-        per_image += convnext_v2_flops(size)
+        per_image += convnext_v2_flops(size, convnext)
     return 3 * per_image + pair_extra
 
 
-def whole_step_flops(m: ModelConfig, lpips=False, convnext=False):
+def whole_step_flops(m: ModelConfig, lpips=False, convnext=None):
     """FLOPs per image of one training step with the perceptual terms that are on."""
     extra = perceptual_flops(m.image_size, m.in_channels, lpips, convnext) if lpips or convnext else 0
     return step_flops(m).total + extra

@@ -28,7 +28,8 @@ def test_analytic_step_flops_match_flop_counter(preset, batch):
 
 
 # ConvNeXt-V2-B's meta forward+backward takes 5 s on 2 cores: it runs once, with both terms
-@pytest.mark.parametrize("lpips, convnext, image_size, channels", [(True, True, 256, 3), (True, False, 64, 1)])
+@pytest.mark.parametrize("lpips, convnext, image_size, channels", [(True, "convnextv2_base", 256, 3), (True, None, 64, 1),
+                                                                   (False, "convnextv2_atto", 48, 3)])
 def test_perceptual_flops_match_flop_counter(lpips, convnext, image_size, channels):
     """The analytic perceptual count against torch.utils.flop_counter on the real networks (LPIPS'
     VGG16 trunk and timm's convnextv2_base, random weights, on the meta device: shapes only), run as
@@ -37,7 +38,8 @@ def test_perceptual_flops_match_flop_counter(lpips, convnext, image_size, channe
     from pmf_fast.perceptual import PerceptualLoss
     batch = 2
     with torch.device("meta"):
-        loss_fn = PerceptualLoss(0.4 * lpips, 0.1 * convnext, weights="random").to("meta")
+        loss_fn = PerceptualLoss(0.4 * lpips, 0.1 * bool(convnext), weights="random",
+                                 convnext_name=convnext or "convnextv2_base").to("meta")
         x = torch.randn(batch, channels, image_size, image_size)
         x_hat = torch.randn(batch, channels, image_size, image_size, requires_grad=True)
     with FlopCounterMode(display=False) as counter:
