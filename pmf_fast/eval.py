@@ -3,8 +3,9 @@
     python -m pmf_fast.eval samples.npz --ref VIRTUAL_imagenet256_labeled.npz
 
 Samples: an ADM-layout .npz (arr_0 uint8 [N, H, W, 3]), as sample.py writes. Reference: the ADM
-reference batch (`mu`, `sigma` of ImageNet train, and arr_0, 10k images, for precision/recall), or
-a folder of images (statistics computed here, ADM center crop). Features come from the standard
+reference batch (`mu`, `sigma` of ImageNet train, and arr_0, 10k images, for precision/recall), a
+prepared dataset (python -m pmf_fast.data prepare; statistics read from its shards and cached
+there), or a folder of images (statistics computed here, ADM center crop). Features come from the standard
 Inception-v3 (the 2015-12-05 TensorFlow graph) as ported to PyTorch by torch-fidelity, and the
 metrics are torch-fidelity's (FID from mu/sigma, IS over 10 splits of the unbiased logits,
 precision/recall with 3 nearest neighbours). Numbers are close to, not bit-identical with, the
@@ -109,8 +110,48 @@ def load_samples(path):
     return arr
 
 
+def prepared_reference(root, extractor, image_size=None, batch=200, keep=10000):
+    """(stats, features of `keep` evenly spaced images for precision/recall) of a prepared dataset
+    (python -m pmf_fast.data prepare), read from its shards: no decoding, and the mean and covariance
+    accumulated in float64 over all images without holding their features. The result is cached in
+    root (fid_stats-<key>.npz, keyed by the extractor and the shards' checksums) for the next start."""
+    import hashlib
+
+    from .atomic import atomic_write
+    from .data.prepared import open_prepared
+    ds = open_prepared(root, image_size)
+    name = getattr(extractor, "name", None)
+    key = hashlib.sha256(json.dumps([name, [e["sha256"] for e in ds.manifest["shards"]]]).encode()).hexdigest()
+    cache = os.path.join(root, f"fid_stats-{key[:16]}.npz") if name else None
+    if cache and os.path.isfile(cache):
+        with np.load(cache) as z:
+            return {"mu": z["mu"], "sigma": z["sigma"]}, z["real"]
+    n = len(ds)
+    kept = set(np.linspace(0, n - 1, min(keep, n)).round().astype(int).tolist())
+    total = outer = None
+    real = []
+    for i in range(0, n, batch):
+        pool, _ = extract(extractor, ds[i:i + batch], batch)
+        total = pool.sum(0) if total is None else total + pool.sum(0)
+        outer = pool.T @ pool if outer is None else outer + pool.T @ pool
+        real.append(pool[[j in kept for j in range(i, i + len(pool))]])
+    mu = total / n
+    st = {"mu": mu, "sigma": (outer - n * np.outer(mu, mu)) / (n - 1)}      # np.cov's unbiased estimate
+    real = np.concatenate(real)
+    if cache:
+        try:
+            atomic_write(cache, lambda f: np.savez(f, mu=st["mu"], sigma=st["sigma"], real=real))
+        except OSError:                                # a read-only dataset: computed again next time
+            pass
+    return st, real
+
+
 def reference(ref, extractor, image_size=None, batch=200):
-    """(stats, features for precision/recall or None) from an ADM .npz or a folder of images."""
+    """(stats, features for precision/recall or None) from an ADM .npz, a prepared dataset, or a
+    folder of images."""
+    from .data.prepared import is_prepared
+    if os.path.isdir(ref) and is_prepared(ref):
+        return prepared_reference(ref, extractor, image_size, batch)
     if os.path.isdir(ref):
         from .data.folder import center_crop_arr, scan_folder
         from PIL import Image

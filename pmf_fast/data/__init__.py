@@ -49,11 +49,12 @@ class ShardedBatches:
             epoch, index = self.next_pos(epoch, index)
 
 
-def mirror(x, seed, epoch, index):
+def mirror(x, batches, epoch, index):
     """Flip images of the batch at (epoch, index) left-right with probability 1/2, seeded by the data
-    position: the same flips after a resume, whichever loader reads the data."""
-    g = torch.Generator().manual_seed(seed * 7919 + epoch * 100003 + index)
-    flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+    position and drawn for the global batch (each rank takes its rows): the same flips after a resume,
+    on any number of ranks, whichever loader reads the data."""
+    g = torch.Generator().manual_seed(batches.seed * 7919 + epoch * 100003 + index)
+    flip = (torch.rand(x.shape[0] * batches.world, generator=g) < 0.5)[batches.rank::batches.world].to(x.device)
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
@@ -81,7 +82,7 @@ class Loader:
                     num_workers=self.num_workers, pin_memory=self.device.type == "cuda"))
             x, y = next(self._it)
         if self.flip:
-            x = mirror(x, self.batches.seed, self.epoch, self.index)
+            x = mirror(x, self.batches, self.epoch, self.index)
         self.epoch, self.index = self.batches.next_pos(self.epoch, self.index)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
@@ -172,7 +173,7 @@ class PreparedLoader:
         self._free.put(slot)
         y = self.labels[idx].to(self.device, non_blocking=True)
         if self.flip:
-            x = mirror(x, self.batches.seed, self.epoch, self.index)
+            x = mirror(x, self.batches, self.epoch, self.index)
         self.epoch, self.index = self.batches.next_pos(self.epoch, self.index)
         return x, y
 

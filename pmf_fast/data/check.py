@@ -168,4 +168,6 @@ def scan_images(files, workers=None, cache=True):
     out = {k: dict(sorted((f, v) for p in parts for f, v in p[k].items())) for k in ("bad", "converted")}
     if cache and rank == 0:
         _write_cache(path, out)
+    if world > 1:
+        dist.barrier()                         # the cache is written before any rank looks for it again
     return out

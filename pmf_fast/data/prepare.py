@@ -184,7 +184,7 @@ def prepare(src, dst, image_size=256, shard_size=None, workers=None, rank=0, wor
     workers = workers or max(1, (os.cpu_count() or 1) // local_world)
     log(f"prepare {src} -> {dst}: {len(files):,} files in {len(classes)} classes, {n_shards} shards of "
         f"{shard_size} at {image_size} px ({image_size * image_size * 3:,} bytes/image); this rank: "
-        f"{len(mine) - len(todo)} of {len(mine)} shards already done, {workers} workers")
+        f"{len(mine) - len(todo)} of {len(mine)} shards already done; {workers} worker processes")
     try:
         _run(dst, todo, span, files, rel, labels, image_size, workers, progress and rank == 0)
         error = None
@@ -230,7 +230,7 @@ def _run(dst, todo, span, files, rel, labels, size, workers, progress):
     try:
         task = next(tasks, None)
         while task is not None or pending:
-            while task is not None and len(pending) < 2 * workers + 2:
+            while task is not None and len(pending) < (2 * workers + 2 if workers > 1 else 1):
                 k, s, paths = task
                 if k not in open_shards:
                     n = len(span(k))
