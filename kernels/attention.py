@@ -38,15 +38,10 @@ fails under compile in the interpreter, where the launch runs during fake-tensor
 On CPU without TRITON_INTERPRET=1 the ops fall back to the eager reference.
 """
 import math
-import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is Linux-only; the references still work
-    triton = None
+from kernels._triton import interpreting, tl, triton, use_kernel
 
 
 def upcast(x):
@@ -94,14 +89,6 @@ def attention_bwd_ref(do, q, k, v):
 
 
 # ----------------------------------------------------------------------------- kernels
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _use_kernel(t):
-    return triton is not None and (t.is_cuda or _interpreting())
-
-
 if triton is not None:
 
     @triton.jit
@@ -122,6 +109,26 @@ if triton is not None:
     def _store(ptr, base, rows, row_ok, dims, D, x):
         tl.store(ptr + base + rows[:, None] * D + dims[None, :], x.to(ptr.dtype.element_ty),
                  mask=row_ok[:, None] & (dims < D)[None, :])
+
+    @triton.jit
+    def _bwd_rows(LSE, DELTA, pid_bh, N, rows, row_ok):
+        """The saved log-sum-exp (in log2 units) and delta = rowsum(dO o O) of a block of query rows."""
+        lse = tl.load(LSE + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
+        return lse, delta
+
+    @triton.jit
+    def _bwd_p_ds(q, k, v, do, q_t, k_t, v_t, do_t, lse, delta, ok, qk_scale,
+                  BLOCK_T: tl.constexpr, IEEE: tl.constexpr):
+        """P and dS = P o (dO V^T - delta) of one (query block, key block) pair, zero where not ok;
+        the tail tiles add their share when BLOCK_T > 0. Both backward kernels run this body."""
+        s = _dot(q, tl.trans(k), IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
+        if BLOCK_T > 0:
+            s += _dot(q_t, tl.trans(k_t), IEEE)
+            dp += _dot(do_t, tl.trans(v_t), IEEE)
+        p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        return p, p * (dp - delta[:, None])
 
     # Every kernel sees the head dimension as dims [0, BLOCK_D) ("head" tiles) and, when BLOCK_T > 0,
     # dims [BLOCK_D, BLOCK_D + BLOCK_T) ("tail" tiles, names ending in _t); see _dim_blocks.
@@ -217,24 +224,22 @@ if triton is not None:
             v_t = _tile(V, base, kv_rows, kv_ok, dims_t, D)
             dk_t = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
             dv_t = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
+        else:                                              # placeholders: _bwd_p_ds ignores them
+            k_t, v_t = k, v
         qk_scale = scale * 1.4426950408889634
         for start in range(0, N, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < N
             q = _tile(Q, base, rows, row_ok, dims, D)
             do = _tile(DO, base, rows, row_ok, dims, D)
-            lse = tl.load(LSE + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
-            s = _dot(q, tl.trans(k), IEEE)
-            dp = _dot(do, tl.trans(v), IEEE)
             if BLOCK_T > 0:
                 q_t = _tile(Q, base, rows, row_ok, dims_t, D)
                 do_t = _tile(DO, base, rows, row_ok, dims_t, D)
-                s += _dot(q_t, tl.trans(k_t), IEEE)
-                dp += _dot(do_t, tl.trans(v_t), IEEE)
-            p = tl.exp2(s * qk_scale - lse[:, None])
-            p = tl.where(row_ok[:, None] & kv_ok[None, :], p, 0.0)
-            ds = p * (dp - delta[:, None])
+            else:
+                q_t, do_t = q, do
+            lse, delta = _bwd_rows(LSE, DELTA, pid_bh, N, rows, row_ok)
+            p, ds = _bwd_p_ds(q, k, v, do, q_t, k_t, v_t, do_t, lse, delta, row_ok[:, None] & kv_ok[None, :],
+                              qk_scale, BLOCK_T, IEEE)
             dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
             if BLOCK_T > 0:
@@ -271,24 +276,21 @@ if triton is not None:
             q_t = _tile(Q, base, rows, row_ok, dims_t, D)
             do_t = _tile(DO, base, rows, row_ok, dims_t, D)
             dq_t = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
-        lse = tl.load(LSE + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
+        else:                                              # placeholders: _bwd_p_ds ignores them
+            q_t, do_t = q, do
+        lse, delta = _bwd_rows(LSE, DELTA, pid_bh, N, rows, row_ok)
         qk_scale = scale * 1.4426950408889634
         for start in range(0, N, BLOCK_N):
             kv_rows = start + tl.arange(0, BLOCK_N)
             kv_ok = kv_rows < N
             k = _tile(K, base, kv_rows, kv_ok, dims, D)
             v = _tile(V, base, kv_rows, kv_ok, dims, D)
-            s = _dot(q, tl.trans(k), IEEE)
-            dp = _dot(do, tl.trans(v), IEEE)
             if BLOCK_T > 0:
                 k_t = _tile(K, base, kv_rows, kv_ok, dims_t, D)
                 v_t = _tile(V, base, kv_rows, kv_ok, dims_t, D)
-                s += _dot(q_t, tl.trans(k_t), IEEE)
-                dp += _dot(do_t, tl.trans(v_t), IEEE)
-            p = tl.exp2(s * qk_scale - lse[:, None])
-            p = tl.where(kv_ok[None, :], p, 0.0)
-            ds = p * (dp - delta[:, None])
+            else:
+                k_t, v_t = k, v
+            p, ds = _bwd_p_ds(q, k, v, do, q_t, k_t, v_t, do_t, lse, delta, kv_ok[None, :], qk_scale, BLOCK_T, IEEE)
             dq += _dot(ds.to(k.dtype), k, IEEE)
             if BLOCK_T > 0:
                 dq_t += _dot(ds.to(k.dtype), k_t, IEEE)
@@ -314,7 +316,7 @@ if triton is not None:
 # still spans two ragged blocks).
 def _tiles(kind, D, dtype):
     """kind: "forward", "tangent" (forward+tangent), "backward" (both two-pass kernels) or "onepass"."""
-    if _interpreting():
+    if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
@@ -455,7 +457,7 @@ def _lse_ref(q, k):
 # ----------------------------------------------------------------------------- torch.library ops
 @torch.library.custom_op("pmf_fast::attn_fwd", mutates_args=())
 def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_kernel(q):
+    if use_kernel(q):
         o, _, lse = _fwd(q, k, v)
         return o, lse
     return attention_ref(q, k, v).contiguous(), _lse_ref(q, k)
@@ -464,7 +466,7 @@ def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[tor
 @torch.library.custom_op("pmf_fast::attn_jvp_fwd", mutates_args=())
 def _attn_jvp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dot: torch.Tensor,
                      k_dot: torch.Tensor, v_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _use_kernel(q):
+    if use_kernel(q):
         return _fwd(q, k, v, q_dot, k_dot, v_dot)
     o, od = attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot)
     return o.contiguous(), od.contiguous(), _lse_ref(q, k)
@@ -473,7 +475,7 @@ def _attn_jvp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dot: t
 @torch.library.custom_op("pmf_fast::attn_bwd", mutates_args=())
 def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                  lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _use_kernel(q):
+    if use_kernel(q):
         return attention_bwd(do, q, k, v, o, lse)
     return tuple(g.contiguous() for g in attention_bwd_ref(do, q, k, v))
 
