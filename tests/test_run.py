@@ -4,11 +4,18 @@ import json
 import math
 import os
 import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
+from pmf_fast import run as R
+from pmf_fast.checkpoint import CheckpointError
 from pmf_fast.config import OptimConfig, get_config
-from pmf_fast.run import Log, StopSignals, config_diff, lr_factor
+from pmf_fast.run import LOCK, Log, RunBusy, RunLock, StopSignals, config_diff, lr_factor
 
 
 def test_lr_schedule():
@@ -100,3 +107,109 @@ def test_log_truncate_drops_a_torn_line_with_a_warning(tmp_path, capsys, tail, d
     log.row(7, {"loss": 7.0})
     assert [json.loads(line)["step"] for line in open(path)] == [1, 2, 3, 4, 5, *kept, 7]
     assert os.listdir(tmp_path) == ["log.jsonl"]                          # no temporary left
+
+
+# ----------------------------------------------------------------------------- the run directory's lock
+def write_lock(run_dir, **holder):
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, LOCK), "w") as f:
+        json.dump({"since": "2026-01-01T00:00:00+00:00", "beat": 0, **holder}, f)
+
+
+def test_lock_refuses_a_live_holder_and_takes_a_dead_ones(tmp_path):
+    d = str(tmp_path / "run")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_lock(d, host=socket.gethostname(), pid=live.pid)
+        with pytest.raises(RunBusy, match=rf"in use by another run \(host {socket.gethostname()}, pid {live.pid}, "
+                                          r"since 2026-01-01T00:00:00\+00:00\)"):
+            RunLock(d).acquire()
+    finally:
+        live.kill()
+        live.wait()
+    lock = RunLock(d).acquire()                          # same host, pid gone (kill -9): stale, taken over
+    holder = json.load(open(os.path.join(d, LOCK)))
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    with pytest.raises(RunBusy, match=f"pid {os.getpid()}"):    # held: a second start is refused
+        RunLock(d).acquire()
+    lock.release()
+    assert os.listdir(d) == []
+    lock = RunLock(str(tmp_path / "new")).acquire()      # created its directory, so removes it if left empty
+    lock.release()
+    assert not (tmp_path / "new").exists()
+
+
+def test_lock_of_another_host_is_stale_once_its_heartbeat_stops(tmp_path):
+    """Another host's pid means nothing here: a beating holder is refused within a heartbeat, a
+    silent one is taken after stale_after_s, a file older than that at once."""
+    d = str(tmp_path / "run")
+    other = RunLock(d, heartbeat_s=0.1)
+    other.me["host"] = "node-b"
+    other.acquire()
+    t0 = time.monotonic()
+    with pytest.raises(RunBusy, match="host node-b"):
+        RunLock(d, heartbeat_s=0.1, stale_after_s=2).acquire()
+    assert time.monotonic() - t0 < 1.5                    # a beat seen, no wait for the full timeout
+    other._stop.set()                                     # the node is lost: no more beats
+    other._thread.join()
+    t0 = time.monotonic()
+    lock = RunLock(d, heartbeat_s=0.1, stale_after_s=1).acquire()
+    assert 1 <= time.monotonic() - t0 < 10 and json.load(open(os.path.join(d, LOCK)))["pid"] == os.getpid()
+    lock.release()
+    write_lock(d, host="node-c", pid=1)
+    old = time.time() - 120
+    os.utime(os.path.join(d, LOCK), (old, old))
+    t0 = time.monotonic()
+    RunLock(d, stale_after_s=60).acquire().release()    # last written 2 minutes ago: stale at once
+    assert time.monotonic() - t0 < 5
+
+
+def test_lock_holder_stops_beating_when_taken_over(tmp_path):
+    d = str(tmp_path / "run")
+    lock = RunLock(d, heartbeat_s=0.05).acquire()
+    write_lock(d, host="node-b", pid=1)                  # judged gone (e.g. paused past the timeout) and taken
+    time.sleep(0.3)
+    assert json.load(open(os.path.join(d, LOCK)))["host"] == "node-b" and not lock._thread.is_alive()
+    lock.release()
+    assert json.load(open(os.path.join(d, LOCK)))["host"] == "node-b"     # not ours: left alone
+
+
+def test_two_starters_on_a_stale_lock_one_wins(tmp_path):
+    d = str(tmp_path / "run")
+    write_lock(d, host=socket.gethostname(), pid=2 ** 22 + 12345)          # no such pid
+    results = []
+
+    def start():
+        try:
+            results.append(RunLock(d).acquire())
+        except RunBusy as e:
+            results.append(e)
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(isinstance(r, (RunLock, RunBusy)) for r in results) and len(results) == 4
+    # threads share a pid, so all but the winner see a live holder (this process) and are refused
+    assert sum(isinstance(r, RunLock) for r in results) == 1, results
+
+
+def test_all_ranks_agree_on_the_checkpoint_to_resume_from(monkeypatch, tmp_path):
+    """A rank that sees another newest checkpoint, or none, stops every rank with one line naming
+    the ranks, hosts and paths (here the other ranks' views are injected into the all-gather)."""
+    def gather(views):
+        return lambda mine: [mine] + views
+    d = str(tmp_path)
+    monkeypatch.setattr(R, "all_gather_objects", gather([("b", d, "ckpt_00000004.pt", "train")]))
+    R.agree_on_resume(d, f"{d}/ckpt_00000004.pt", "train")             # the same: fine
+    monkeypatch.setattr(R, "all_gather_objects", gather([("b", "/other", None, "train"),
+                                                         ("c", d, "ckpt_00000002.pt", "train")]))
+    with pytest.raises(CheckpointError) as e:
+        R.agree_on_resume(d, f"{d}/ckpt_00000004.pt", "train")
+    msg = str(e.value)
+    assert "\n" not in msg and "disagree" in msg and "storage every node sees" in msg
+    assert f"rank(s) 0 on {socket.gethostname()} see ckpt_00000004.pt (train) in {d}" in msg
+    assert "rank(s) 1 on b see no checkpoint (train) in /other" in msg and "rank(s) 2 on c see ckpt_00000002.pt" in msg
+    monkeypatch.setattr(R, "all_gather_objects", gather([("b", d, "ckpt_00000004.pt", "done")]))
+    with pytest.raises(CheckpointError, match=r"see ckpt_00000004.pt \(done\)"):   # the stage is agreed too
+        R.agree_on_resume(d, f"{d}/ckpt_00000004.pt", "end")

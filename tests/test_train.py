@@ -2,6 +2,9 @@
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import train
 from pmf_fast.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
 from pmf_fast.config import ConfigError
 from pmf_fast.model import ours_to_official
+from pmf_fast.run import RunBusy
 
 BASE = ["--preset", "pMF-XS/4-test"]
 
@@ -118,6 +122,54 @@ def test_a_finished_run_is_left_alone(tmp_path, capsys):
     assert before == {f: digest(os.path.join(d, f)) for f in before}
 
 
+def test_a_run_killed_before_its_end_stage_completes_it(tmp_path, monkeypatch, capsys):
+    """Killed after its last checkpoint, before the final samples and metrics.json: the same
+    command completes the end stage (it said "already finished" and never wrote them); then the
+    run is complete and left alone."""
+    real = train.class_grid
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed before the end stage")
+    monkeypatch.setattr(train, "class_grid", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "end", "train.steps=2", "train.log_every=1")
+    d = tmp_path / "end"
+    assert [s for s, _ in list_checkpoints(d)] == [2] and not (d / "metrics.json").exists()
+    assert not (d / "run.lock").exists()                                   # released on the way out
+    monkeypatch.setattr(train, "class_grid", real)
+    capsys.readouterr()
+    run(tmp_path, "end", "train.steps=2", "train.log_every=1")
+    out = capsys.readouterr().out
+    assert "training had finished, its end stage had not; completing it" in out and "judge:" in out, out
+    assert (d / "metrics.json").exists() and (d / "samples_00000002.png").exists()
+    assert json.load(open(d / "end.json")) == {"step": 2}
+    assert [l["step"] for l in losses(d)] == [1, 2]                        # no step trained or logged again
+    before = {f: digest(d / f) for f in ("metrics.json", "log.jsonl", "end.json")}
+    run(tmp_path, "end", "train.steps=2", "train.log_every=1")
+    assert "already finished at step 2: nothing to do" in capsys.readouterr().out
+    assert before == {f: digest(d / f) for f in before}
+
+
+def test_a_run_directory_has_one_owner(tmp_path, capsys):
+    """A second run on a run directory that a live process trains in is refused in one line naming
+    the holder; once that process is killed (kill -9: its lock stays behind), the rerun takes it."""
+    d = tmp_path / "own"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    hold = f"from pmf_fast.run import RunLock; RunLock({str(d)!r}).acquire(); print('held', flush=True); "
+    holder = subprocess.Popen([sys.executable, "-c", hold + "import time; time.sleep(120)"],
+                              cwd=root, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=root))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusy, match=rf"in use by another run \(host .+, pid {holder.pid}, since .+\)"):
+            run(tmp_path, "own", "train.steps=1")
+        assert os.listdir(d) == ["run.lock"]                             # nothing written by the refused run
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    run(tmp_path, "own", "train.steps=1")
+    assert (d / "end.json").exists() and not (d / "run.lock").exists()
+
+
 def test_another_config_in_the_run_directory_is_refused(tmp_path):
     d = run(tmp_path, "taken", "train.steps=2")
     before = digest(os.path.join(d, "config.json"))
@@ -190,8 +242,6 @@ def test_nonfinite_skip_skips_the_update_and_goes_on(tmp_path, monkeypatch, caps
 
 
 def test_unwritable_out_dir_is_a_one_line_error(tmp_path):
-    import subprocess
-    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, "train.py", *BASE, "train.out_dir=/proc/pmf-fast-runs", "train.steps=1"],
                          capture_output=True, text=True, cwd=root, timeout=120, env=dict(os.environ, PYTHONPATH=root))
@@ -227,7 +277,7 @@ def test_attention_fallback_gradients_equal_the_reference(monkeypatch):
     (by hand: autograd is off inside a custom op) meets the 2x rule against fp64 autograd."""
     from kernels import attention as A
     from tests.conftest import assert_close_by_rule
-    monkeypatch.setattr(A, "_use_kernel", lambda t: False)
+    monkeypatch.setattr(A, "use_kernel", lambda t: False)
     q, k, v, do = (torch.randn(2, 3, 37, 24) for _ in range(4))
 
     def grads(fn, dtype):
@@ -245,7 +295,8 @@ def test_impl_fast_trains_on_a_cpu_without_triton_interpret(tmp_path):
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=root, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "train.py", *BASE, "--impl", "fast", "--name", "fast", "train.compile=none",
                           f"train.out_dir={tmp_path}", "train.steps=2", "train.log_every=1"],
                          capture_output=True, text=True, cwd=root, timeout=300, env=env)
