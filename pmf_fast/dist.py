@@ -160,9 +160,8 @@ def barrier():
 
 def cleanup():
     """End of a run on every rank: wait for all, then tear down. Without the barrier a rank that is done
-    first closes its connections while another still works (rank 0 sampling, saving). Once in CI a
-    gloo worker of tests/test_dist.py was aborted (SIGABRT, "terminate called without an active
-    exception") while its peer was finishing; the barrier closes that window."""
+    first closes its connections while another still works (rank 0 sampling, saving), and gloo can
+    abort a peer that is still finishing (SIGABRT, "terminate called without an active exception")."""
     if is_dist():
         dist.barrier()
         dist.destroy_process_group()

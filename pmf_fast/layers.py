@@ -226,10 +226,9 @@ class TransformerBlock(nn.Module):
         x = x + a * self.attn_scale
         x_dot = x_dot + a_dot * self.attn_scale.detach()
         m, m_dot = self.mlp.jvp(*self.norm2.jvp(x, x_dot))
-        # The tangent is stop-gradient; detached here so that a compiled block says so on every torch.
-        # Under torch 2.11's compile the fast impl's output tangent came out requiring grad (its
-        # non-differentiable marks were dropped; eager and torch 2.14 are right), so the second block
-        # recompiled for it: 4 graphs instead of 3 (tests/test_compile.py), the same bytes saved.
+        # The tangent is stop-gradient; detached so that a compiled block says so on every torch: torch
+        # 2.11's compile drops the fast impl's non-differentiable marks, and the next block would
+        # recompile for a tangent that requires grad (4 graphs instead of 3, tests/test_compile.py).
         return x + m * self.mlp_scale, (x_dot + m_dot * self.mlp_scale.detach()).detach()
 
 
