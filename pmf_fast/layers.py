@@ -271,7 +271,8 @@ class TimestepEmbedder(nn.Module):
         with torch.no_grad():
             f = self._freqs(t)[None]
             args = upcast(t)[:, None] * f
-            e_dot = torch.cat([-torch.sin(args), torch.cos(args)], dim=-1) * torch.cat([f, f], -1) * upcast(t_dot)[:, None]
+            e_dot = (torch.cat([-torch.sin(args), torch.cos(args)], dim=-1) * torch.cat([f, f], -1)
+                     * upcast(t_dot)[:, None])
         dtype = self.mlp[0].weight.dtype
         a, a_dot = self.mlp[0].jvp(self.sinusoid(t).to(dtype), e_dot.to(dtype))
         with torch.no_grad():
