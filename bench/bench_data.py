@@ -1,7 +1,9 @@
-"""Images/s of the data loaders at 256 px on the same folder of JPEGs (re-encoded crops of
-scikit-learn's bundled photos): DALI ("mixed" GPU decoding on a GPU, CPU decoding elsewhere) and
-PIL with N workers. Compare with bench_train_step's images/s. Target on an H100 host: DALI >= 3,000
-images/s per GPU. Loader throughput is a property of the host, so these also run on the CPU.
+"""Images/s of the data loaders at 256 px, all rows in one run on the same images (re-encoded crops of
+scikit-learn's bundled photos): the prepared loader (memory-mapped uint8 shards, pmf_fast/data/
+prepared.py), the PIL folder loader with N workers, and DALI (GPU decoding on a GPU, CPU decoding
+elsewhere). Also the time to prepare 1,000 images and the disk bytes per image, from which the
+ImageNet totals and a node's needs follow (docs/data.md). Target: prepared >= 20x the PIL loader.
+Loader throughput is a property of the host, so these also run on the CPU (cpu_ok).
 """
 import os
 import time
@@ -14,9 +16,15 @@ from PIL import Image
 from bench.common import SMOKE, record
 from pmf_fast.data import make_loader
 from pmf_fast.data.dali import HAVE_DALI
+from pmf_fast.data.prepare import prepare
+from pmf_fast.data.prepared import open_prepared
 
 N_IMAGES = 64 if SMOKE else 1024
 BATCH = 16 if SMOKE else 128
+SIZE = 256
+IMAGENET = 1_281_167                                 # ImageNet-1k train images
+GPU_RATES = (600, 800)                               # images/s per GPU at the target step rate (B/16, >= 40% MFU)
+rates = {}                                           # name -> images/s, for the speed-up rows
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +42,14 @@ def folder(tmp_path_factory):
     return str(root)
 
 
+@pytest.fixture(scope="module")
+def prepared(folder, tmp_path_factory):
+    dst = str(tmp_path_factory.mktemp("prepared") / "dst")
+    t0 = time.perf_counter()
+    prepare(folder, dst, SIZE, workers=os.cpu_count(), log=lambda s: None, progress=False)
+    return dst, time.perf_counter() - t0
+
+
 def images_per_s(loader, batches):
     next(loader)                                            # start-up outside the timing
     if torch.cuda.is_available():
@@ -47,13 +63,49 @@ def images_per_s(loader, batches):
 
 
 @pytest.mark.cpu_ok
-@pytest.mark.parametrize("kind, workers", [("pil", 0), ("pil", 8)] + ([("dali", 4)] if HAVE_DALI else []))
-def test_loader_throughput(benchmark, folder, kind, workers):
+def test_prepare_time_and_sizes(benchmark, prepared):
+    dst, seconds = prepared
+    ds = open_prepared(dst)
+    on_disk = sum(os.path.getsize(os.path.join(dst, e["file"])) for e in ds.manifest["shards"])
+    per_image = on_disk / len(ds)
+    record(benchmark, "prepare (256 px)", f"{os.cpu_count()} worker processes, JPEG 420x320 -> 256 px",
+           seconds * 1000 / len(ds) * 1000, unit="ms/1000 images", cpus=os.cpu_count(),
+           images=len(ds), bytes_per_image=round(per_image, 1),
+           imagenet_gb={s: round(IMAGENET * s * s * 3 / 1e9, 1) for s in (256, 512)},
+           node_8gpu_images_per_s=[8 * r for r in GPU_RATES],
+           node_8gpu_gb_per_s_256px=[round(8 * r * SIZE * SIZE * 3 / 1e9, 2) for r in GPU_RATES])
+    benchmark.pedantic(lambda: None, rounds=1)
+
+
+ROWS = [("pil", 0), ("pil", 8)] + ([("dali", 4)] if HAVE_DALI else []) + [("prepared", 1), ("prepared", 2)]
+
+
+@pytest.mark.cpu_ok
+@pytest.mark.parametrize("kind, workers", ROWS)
+def test_loader_throughput(benchmark, folder, prepared, kind, workers):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    loader, n, _ = make_loader(folder, 256, BATCH, 0, 1, 0, device, workers, kind, log=lambda s: None)
-    batches = max(2, min(n // BATCH - 1, 15))
+    data = prepared[0] if kind == "prepared" else folder
+    loader, n, _ = make_loader(data, SIZE, BATCH, 0, 1, 0, device, workers, "pil" if kind == "prepared" else kind,
+                               log=lambda s: None)
+    batches = max(2, min(n // BATCH - 1, 8 if kind != "prepared" else 40))
     rate = images_per_s(loader, batches)
-    decoder = "mixed (GPU)" if kind == "dali" and device == "cuda" else "cpu"
-    record(benchmark, "data loader (256 px)", f"{kind}, {workers} workers/threads, {decoder} decoding",
-           1000.0 / rate, unit="ms/image", images_per_s=round(rate, 1), cpus=os.cpu_count())
+    rates[f"{kind}, {workers}"] = rate
+    what = {"prepared": "memory-mapped uint8 shards, gather threads", "pil": "PIL decode + ADM crop, workers",
+            "dali": f"DALI {'mixed (GPU)' if device == 'cuda' else 'CPU'} decoding, threads"}[kind]
+    pil = max((v for k, v in rates.items() if k.startswith("pil")), default=None)
+    record(benchmark, "data loader (256 px)", f"{kind}: {what} = {workers}", 1000.0 / rate, unit="ms/image",
+           images_per_s=round(rate, 1), cpus=os.cpu_count(), load_avg=round(os.getloadavg()[0], 2),
+           **({"speedup_vs_best_pil": round(rate / pil, 1)} if pil and kind == "prepared" else {}))
+    benchmark.pedantic(lambda: None, rounds=1)
+
+
+@pytest.mark.cpu_ok
+def test_prepared_speedup_over_pil(benchmark):
+    """The ratio of the rows above (measured in this run): the prepared loader's best against PIL's best."""
+    prep = max((v for k, v in rates.items() if k.startswith("prepared")), default=None)
+    pil = max((v for k, v in rates.items() if k.startswith("pil")), default=None)
+    if prep is None or pil is None:
+        pytest.skip("run with the throughput rows (pytest bench/bench_data.py)")
+    record(benchmark, "data loader (256 px)", "prepared / PIL (best rows)", pil / prep, unit="ratio (PIL ms / ours)",
+           speedup=round(prep / pil, 1), prepared_images_per_s=round(prep, 1), pil_images_per_s=round(pil, 1))
     benchmark.pedantic(lambda: None, rounds=1)

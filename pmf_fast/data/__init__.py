@@ -10,6 +10,7 @@ decoding) or an ImageFolder (decoded every epoch by PIL workers or DALI).
 import queue
 import threading
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -49,12 +50,16 @@ class ShardedBatches:
             epoch, index = self.next_pos(epoch, index)
 
 
-def mirror(x, batches, epoch, index):
-    """Flip images of the batch at (epoch, index) left-right with probability 1/2, seeded by the data
-    position and drawn for the global batch (each rank takes its rows): the same flips after a resume,
-    on any number of ranks, whichever loader reads the data."""
+def mirror_mask(batches, epoch, index):
+    """Which images of this rank's batch at (epoch, index) are flipped left-right (probability 1/2):
+    seeded by the data position and drawn for the global batch (each rank takes its rows), so the
+    flips are the same after a resume, on any number of ranks, whichever loader reads the data."""
     g = torch.Generator().manual_seed(batches.seed * 7919 + epoch * 100003 + index)
-    flip = (torch.rand(x.shape[0] * batches.world, generator=g) < 0.5)[batches.rank::batches.world].to(x.device)
+    return (torch.rand(batches.batch * batches.world, generator=g) < 0.5)[batches.rank::batches.world]
+
+
+def mirror(x, batches, epoch, index):
+    flip = mirror_mask(batches, epoch, index).to(x.device)
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
@@ -96,63 +101,43 @@ class Loader:
 class PreparedLoader:
     """Endless batches from a prepared dataset (pmf_fast/data/prepared.py) with the Loader interface.
 
-    A background thread gathers each batch's images from the memory-mapped shards into one of `depth`
-    uint8 NHWC buffers (pinned when CUDA is available, so the copy to the GPU is asynchronous); the
-    consumer copies it to the device, where the conversion to float NCHW in [-1, 1] and the flip run.
-    The images are those of the PIL loader bit for bit: the same crop, and FolderDataset's arithmetic.
-    A buffer is refilled only after its copy to the device has completed (a CUDA event per buffer).
-    `threads` > 1 gathers a batch with that many threads (page faults of a cold page cache overlap)."""
+    A background thread gathers each batch's images from the memory-mapped shards (flipping the
+    chosen ones as it copies them) into one of `depth` uint8 NHWC buffers, pinned when CUDA is
+    available. On a GPU the consumer copies the buffer over asynchronously (uint8: a quarter of the
+    bytes of float) and converts it there; a CUDA event per buffer keeps the thread from refilling it
+    before its copy is done. On the CPU the thread converts too, so the consumer only takes the
+    batch. The floats are FolderDataset's bit for bit: the same crop, the same arithmetic.
+    `threads` > 1 splits each batch over that many threads (page faults of a cold page cache and the
+    CPU conversion overlap; numpy and torch release the GIL)."""
 
     def __init__(self, data, batches: ShardedBatches, device, threads=1, flip=False, depth=3):
         self.data, self.batches, self.device, self.flip = data, batches, torch.device(device), flip
         self.threads, self.depth = max(1, threads), depth
         self.labels = torch.from_numpy(np.asarray(data.labels, dtype=np.int64))
-        cuda = self.device.type == "cuda"
+        self.cuda = self.device.type == "cuda"
         s = data.image_size
-        self.bufs = [torch.empty(batches.batch, s, s, 3, dtype=torch.uint8, pin_memory=cuda) for _ in range(depth)]
-        self.events = [torch.cuda.Event() for _ in range(depth)] if cuda else None
+        self.bufs = [torch.empty(batches.batch, s, s, 3, dtype=torch.uint8, pin_memory=self.cuda)
+                     for _ in range(depth)]
+        self.events = [torch.cuda.Event() for _ in range(depth)] if self.cuda else None
         self.epoch, self.index = 0, 0
         self._thread = None
 
-    def _produce(self, epoch, index, ready, free, stop):
-        pool = None
-        if self.threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
-            pool = ThreadPoolExecutor(self.threads)
-        try:
-            for idx in self.batches.stream(epoch, index):
-                slot = free.get()
-                if stop.is_set():
-                    return
-                if self.events is not None:
-                    self.events[slot].synchronize()          # the previous copy out of this buffer is done
-                out = self.bufs[slot].numpy()
-                if pool is None:
-                    self.data.gather(idx, out)
-                else:
-                    parts = np.array_split(np.arange(len(idx)), self.threads)
-                    list(pool.map(lambda p: self.data.gather([idx[i] for i in p], out[p[0]:p[-1] + 1]),
-                                  [p for p in parts if len(p)]))
-                ready.put((slot, idx))
-        except Exception as e:                               # raised again in the consumer
-            ready.put((None, e))
-        finally:
-            if pool is not None:
-                pool.shutdown()
-
     def _start(self):
-        self._ready, self._free, self._stop = queue.Queue(), queue.Queue(), threading.Event()
+        ready, free, stop = queue.Queue(), queue.Queue(), threading.Event()
         for slot in range(self.depth):
-            self._free.put(slot)
-        self._thread = threading.Thread(target=self._produce, daemon=True, name="prepared-loader",
-                                        args=(self.epoch, self.index, self._ready, self._free, self._stop))
-        self._thread.start()
+            free.put(slot)
+        # the thread holds no reference to the loader: a dropped loader is collected, and the
+        # finalizer (also run at exit) stops its thread
+        args = (self.data, self.batches, self.bufs, self.events, self.flip, self.threads, self.epoch, self.index,
+                ready, free, stop)
+        thread = threading.Thread(target=_produce, args=args, daemon=True, name="prepared-loader")
+        thread.start()
+        self._thread, self._ready, self._free = thread, ready, free
+        self._finalizer = weakref.finalize(self, _stop, thread, stop, free)
 
     def close(self):
         if self._thread is not None:
-            self._stop.set()
-            self._free.put(0)                                # wake it if it waits for a buffer
-            self._thread.join()
+            self._finalizer()
             self._thread = None
 
     def __iter__(self):
@@ -161,19 +146,16 @@ class PreparedLoader:
     def __next__(self):
         if self._thread is None:
             self._start()
-        slot, idx = self._ready.get()
+        slot, x, idx = self._ready.get()
         if slot is None:
-            self._thread = None
-            raise idx
-        x = self.bufs[slot].to(self.device, non_blocking=True)
-        if self.events is not None:
+            self.close()
+            raise x
+        if self.cuda:
+            x = self.bufs[slot].to(self.device, non_blocking=True)
             self.events[slot].record()
-        # the arithmetic of FolderDataset, on the device: the same floats bit for bit
-        x = x.permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1.0       # on the CPU: a copy, buffer free
-        self._free.put(slot)
+            x = x.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)
+        self._free.put(slot)                              # at most `depth` batches are ever prepared ahead
         y = self.labels[idx].to(self.device, non_blocking=True)
-        if self.flip:
-            x = mirror(x, self.batches, self.epoch, self.index)
         self.epoch, self.index = self.batches.next_pos(self.epoch, self.index)
         return x, y
 
@@ -184,8 +166,52 @@ class PreparedLoader:
         self.close()
         self.epoch, self.index = s["epoch"], s["index"]
 
-    def __del__(self):
-        self.close()
+
+def _fill(data, buf, idx, flip, x, rows):
+    """Rows `rows` of a batch: gather the images idx (flipped where asked) into the uint8 buffer;
+    with x (CPU), also convert them into x."""
+    sl = slice(rows.start, rows.stop)
+    data.gather([idx[i] for i in rows], buf.numpy()[sl])
+    for i in rows:
+        if flip[i]:
+            buf[i] = buf[i].flip(1)                            # W of HWC
+    if x is not None:                                          # FolderDataset's arithmetic, in place
+        x[sl].copy_(buf[sl].permute(0, 3, 1, 2)).div_(127.5).sub_(1.0)
+
+
+def _produce(data, batches, bufs, events, flip, threads, epoch, index, ready, free, stop):
+    """The gather thread of PreparedLoader: batches from (epoch, index) on, into free buffers."""
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    b, s = batches.batch, data.image_size
+    parts = [range(b * t // threads, b * (t + 1) // threads) for t in range(threads)]
+    try:
+        while True:
+            idx = batches.indices(epoch, index).tolist()
+            mask = mirror_mask(batches, epoch, index).tolist() if flip else [False] * b
+            slot = free.get()
+            if stop.is_set():
+                return
+            if events is not None:
+                events[slot].synchronize()                     # the previous copy out of this buffer is done
+            x = None if events is not None else torch.empty(b, 3, s, s)
+            if pool is None:
+                _fill(data, bufs[slot], idx, mask, x, parts[0])
+            else:
+                list(pool.map(lambda rows: _fill(data, bufs[slot], idx, mask, x, rows), parts))
+            ready.put((slot, x, idx))
+            epoch, index = batches.next_pos(epoch, index)
+    except Exception as e:                                     # raised again in the consumer
+        ready.put((None, e, None))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _stop(thread, stop, free):
+    stop.set()
+    free.put(0)                                                # wake it if it waits for a buffer
+    thread.join()
 
 
 def make_loader(data, image_size, batch_per_rank, rank, world_size, seed, device, num_workers=0, loader="auto",
