@@ -153,8 +153,9 @@ def reference(ref, extractor, image_size=None, batch=200):
     if os.path.isdir(ref) and is_prepared(ref):
         return prepared_reference(ref, extractor, image_size, batch)
     if os.path.isdir(ref):
-        from .data.folder import center_crop_arr, scan_folder
         from PIL import Image
+
+        from .data.folder import center_crop_arr, scan_folder
         files, _, _ = scan_folder(ref)
         if image_size is None:
             raise ValueError("a reference folder needs the image size of the samples")

@@ -170,6 +170,7 @@ def _two_ranks(rank, world, init_file, src, out_dir):
     """Rank `rank`: the shared folder scan (counting the files this rank checks), twice, then its
     part of a prepare."""
     import torch.distributed as dist
+
     from tests.test_dist import gloo_group
     os.environ["PMF_CACHE"] = os.path.join(out_dir, "cache")
     checked = []

@@ -7,6 +7,7 @@ labels, sharded by rank, with a position that checkpoints save and resume restor
 `data` is "digits", a prepared dataset (python -m pmf_fast.data prepare SRC DST: the fast path, no
 decoding) or an ImageFolder (decoded every epoch by PIL workers or DALI).
 """
+import functools
 import queue
 import threading
 import time
@@ -175,8 +176,9 @@ def _fill(data, buf, idx, flip, x, rows):
     for i in rows:
         if flip[i]:
             buf[i] = buf[i].flip(1)                            # W of HWC
-    if x is not None:                                          # FolderDataset's arithmetic, in place
-        x[sl].copy_(buf[sl].permute(0, 3, 1, 2)).div_(127.5).sub_(1.0)
+    if x is not None:                 # FolderDataset's arithmetic, in place, image by image (in cache: -30%)
+        for i in rows:
+            x[i].copy_(buf[i].permute(2, 0, 1)).div_(127.5).sub_(1.0)
 
 
 def _produce(data, batches, bufs, events, flip, threads, epoch, index, ready, free, stop):
@@ -198,7 +200,7 @@ def _produce(data, batches, bufs, events, flip, threads, epoch, index, ready, fr
             if pool is None:
                 _fill(data, bufs[slot], idx, mask, x, parts[0])
             else:
-                list(pool.map(lambda rows: _fill(data, bufs[slot], idx, mask, x, rows), parts))
+                list(pool.map(functools.partial(_fill, data, bufs[slot], idx, mask, x), parts))
             ready.put((slot, x, idx))
             epoch, index = batches.next_pos(epoch, index)
     except Exception as e:                                     # raised again in the consumer

@@ -138,7 +138,7 @@ class DaliLoader:
                 if f not in self.replaced:
                     self.replaced[f] = (bad[f], self.files[j])
                     warnings.warn(f"skipping unreadable image {f}: {bad[f]} (changed on disk after the scan); "
-                                  f"DALI reads {self.files[j]} in its place from the same position")
+                                  f"DALI reads {self.files[j]} in its place from the same position", stacklevel=3)
                 self.files[i], self.labels[i] = self.files[j], self.labels[j]
 
     def state_dict(self):

@@ -77,7 +77,7 @@ class FolderDataset(torch.utils.data.Dataset):
             try:
                 arr = center_crop_arr(load_rgb(self.files[k]), self.image_size)
             except (OSError, ValueError, SyntaxError) as e:
-                warnings.warn(f"skipping unreadable image {self.files[k]}: {e}")
+                warnings.warn(f"skipping unreadable image {self.files[k]}: {e}", stacklevel=2)
                 continue
             x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1.0
             return x, self.labels[k]

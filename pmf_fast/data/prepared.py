@@ -169,7 +169,8 @@ def open_prepared(root, image_size=None, check=True):
         labels = np.load(os.path.join(root, LABELS))
     except (OSError, ValueError) as e:
         raise PreparedError(f"{root}/{LABELS} is unreadable ({e}); {again}") from None
-    if labels.shape != (m["num_images"],) or (check and hashlib.sha256(labels.tobytes()).hexdigest() != m["labels_sha256"]):
+    digest = hashlib.sha256(labels.tobytes()).hexdigest() if check else m["labels_sha256"]
+    if labels.shape != (m["num_images"],) or digest != m["labels_sha256"]:
         raise PreparedError(f"{root}/{LABELS} does not match the manifest; {again}")
     shards = [map_shard(os.path.join(root, e["file"]), e["count"], size) for e in m["shards"]]
     return Prepared(root, m, shards, labels)
