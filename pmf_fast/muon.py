@@ -185,7 +185,7 @@ class NAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             b1, b2 = group["betas"]
-            batches = {}                              # foreach lists share device, dtype and step count
+            batches, steps = {}, []                   # foreach lists share device, dtype and step count
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -194,11 +194,13 @@ class NAdamW(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0)  # on the CPU as torch's AdamW: reading it never syncs
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                key = (p.device, p.dtype, _is_dtensor(p), state["step"].item())
+                steps.append(state["step"])
+                key = (p.device, p.dtype, _is_dtensor(p), state["step"].item() + 1)
                 batch = batches.setdefault(key, ([], [], [], []))
                 for lst, t in zip(batch, (p, p.grad, state["exp_avg"], state["exp_avg_sq"])):
                     lst.append(t)
+            if steps:
+                torch._foreach_add_(steps, 1)
             for (_, _, _, t), (params, grads, mu, nu) in batches.items():
                 self._update(params, grads, mu, nu, t, b1, b2, group["lr"], group["eps"], group["weight_decay"])
         return loss
