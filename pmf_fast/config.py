@@ -70,9 +70,9 @@ class OptimConfig:
     muon_momentum: float = 0.95    # Nesterov momentum of Muon
     ns_steps: int = 5              # Newton-Schulz iterations
     ns_coefficients: tuple = NS_COEFFICIENTS  # quintic (a, b, c), kernels/newton_schulz.py
-    adam_betas: tuple = (0.9, 0.95)  # AdamW for every non-2-D parameter
+    adam_betas: tuple = (0.9, 0.95)  # the Adam group (every non-2-D parameter; Nesterov, docs/optim.md)
     adam_eps: float = 1e-8
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0      # decoupled, both groups (optax decays only Muon's; 0 in the official recipe)
     warmup_steps: int = 0          # linear learning-rate warm-up from 0 (0 = none, the official recipe)
     decay: Literal["none", "cosine"] = "none"  # cosine to min_lr_ratio x lr at train.steps or time_budget_s
     min_lr_ratio: float = 0.0      # the cosine's final lr as a fraction of lr
