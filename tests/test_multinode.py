@@ -1,0 +1,168 @@
+"""Multi-node torchrun on one machine (CPU, gloo): two torchrun agents ("nodes") meet at a c10d
+rendezvous on loopback, as two hosts of a cluster meet at the head node's address.
+
+* two nodes equal one process over the same global batch (the 2x rule of tests/conftest.py), for
+  DDP and for HSDP (train.shard_size = processes per node: shard within a node, replicate across);
+* a node lost (--nnodes=1:2 --max-restarts): one agent and its workers are killed with SIGKILL; the
+  survivor restarts alone from the newest checkpoint, and its state equals a run resumed by hand
+  from that checkpoint on one node; a node back: the run continues on two;
+* ranks that see different run directories (storage not shared) stop together, in one line;
+* the same on two network namespaces joined by a veth pair (two hosts with their own addresses,
+  GLOO_SOCKET_IFNAME set), where this machine allows it (root, `ip netns`).
+
+docs/multinode.md gives the commands as run here. Every process tree is killed at the end of its
+test (tests/test_reliability.py's Run).
+
+    python -m pytest tests/test_multinode.py           # CI: ~2 min on 2 CPU cores
+"""
+import os
+import shutil
+import socket
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.test_reliability import (
+    ROOT,
+    Run,
+    assert_same_weights,
+    load,
+    log_steps,
+    train_cmd,
+    wait_for_step,
+    worker_logs,
+)
+
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
+# the c10d rendezvous, tuned for a test: a node missing for 3 s is dead (default 15 s), and once
+# the minimum number of nodes is there the rendezvous waits 2 s for more (default 30 s)
+RDZV_CONF = "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agent(nnodes, nproc, port, log_dir, *script, max_restarts=0, host="127.0.0.1"):
+    """One torchrun agent (a node) joining the c10d rendezvous at host:port."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={host}:{port}", "--rdzv-id=pmf-test", f"--rdzv-conf={RDZV_CONF}",
+            f"--max-restarts={max_restarts}", f"--log-dir={log_dir}", "--tee=3", *script]
+
+
+def start_nodes(tmp_path, tag, commands):
+    """Start one agent per command, the first (which hosts the rendezvous store) first."""
+    runs = []
+    for i, cmd in enumerate(commands):
+        runs.append(Run(cmd, str(tmp_path), f"{tag}{i}"))
+        if i == 0:
+            time.sleep(0.5)
+    return runs
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    started = []
+
+    def start(tag, commands):
+        runs = start_nodes(tmp_path, tag, commands)
+        started.extend(runs)
+        return runs
+    yield start
+    for r in started:
+        r.kill_tree()
+
+
+# ----------------------------------------------------------------------------- 1. two nodes = one process
+def worker(out):
+    """Run under torchrun: tests/test_dist.py's optimizer steps with DDP, then with HSDP (shard
+    within a node, replicate across nodes), each rank on its slice of the global batch; rank 0
+    saves the full parameters and the mean losses of each."""
+    import torch.distributed as dist
+
+    from pmf_fast.dist import cleanup
+    from tests.test_dist import train_steps
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world, per_node = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_WORLD_SIZE"])
+    result = {"world": world}
+    for parallel, shard_size in (("ddp", 0), ("fsdp", per_node)):
+        params, losses = train_steps(rank, world, parallel, shard_size=shard_size)
+        dist.all_reduce(losses)
+        result[parallel] = params, losses / world
+    if rank == 0:
+        torch.save(result, out)
+    cleanup()
+
+
+@pytest.fixture(scope="module")
+def single():
+    from tests.test_dist import train_steps
+    return train_steps(0, 1, "ddp", torch.float64), train_steps(0, 1, "ddp", torch.float32)
+
+
+def test_two_nodes_equal_one_process(tmp_path, nodes, single):
+    """DDP and HSDP over 2 nodes x 2 processes: the losses and every parameter after the steps
+    equal one process over the same global batch (the 2x rule). One launch runs both."""
+    from tests.conftest import assert_close_by_rule
+    out, port = tmp_path / "out.pt", free_port()
+    script = [os.path.abspath(__file__), "--worker", str(out)]
+    for r in nodes("node", [agent(2, 2, port, tmp_path / f"log{i}", *script) for i in range(2)]):
+        rc, _, _ = r.wait(240)
+        assert rc == 0, r.describe()
+    got = torch.load(out)
+    assert got["world"] == 4
+    (p64, l64), (p32, l32) = single
+    for parallel in ("ddp", "fsdp"):
+        params, losses = got[parallel]
+        assert_close_by_rule(losses, l64, l32, f"{parallel} losses")
+        for n in p64:
+            assert_close_by_rule(params[n], p64[n], p32[n], f"{parallel} 2 nodes x 2 {n}", relative_atol=True)
+
+
+# ----------------------------------------------------------------------------- 2. a node lost
+C = 6                                          # checkpoint every C steps; node 1 is lost after the first
+
+
+def attempts(log_dir):
+    """{attempt: stdout of local rank 0} of one agent's workers."""
+    return {a: text for (a, local), text in worker_logs(log_dir, "stdout").items() if local == 0}
+
+
+def test_a_node_lost_the_survivor_finishes_alone(tmp_path, nodes):
+    """--nnodes=1:2 --max-restarts=3: node 1 (its agent and worker) is killed with SIGKILL after the
+    first checkpoint; node 0's agent restarts its worker alone, which resumes from the newest
+    checkpoint (a lock left by a killed rank 0 is stale) and finishes the run; its final state
+    equals a run resumed by hand from the same checkpoint on one node."""
+    port, run_dir = free_port(), tmp_path / "run"
+    train_args = train_cmd(tmp_path, "run", "train.log_every=1", "train.stop_check_every=1", f"train.ckpt_every={C}",
+                           f"train.steps={2 * C}")
+    a, b = nodes("node", [agent("1:2", 1, port, tmp_path / f"log{i}", *train_args, max_restarts=3) for i in range(2)])
+    wait_for_step(a, run_dir, C + 1)
+    b.kill_tree()                                            # node 1 lost: its agent and worker, SIGKILL
+    hand = tmp_path / "hand"
+    hand.mkdir()
+    shutil.copy(run_dir / f"ckpt_{C:08d}.pt", hand)
+    assert len(load(hand / f"ckpt_{C:08d}.pt")["train"]["ranks"]) == 2          # written on two nodes
+    rc, _, _ = a.wait()
+    assert rc == 0, a.describe()
+    log = attempts(tmp_path / "log0")
+    assert len(log) >= 2, log                                # restarted by its agent
+    last = log[max(log)]
+    assert f"resumed from {run_dir}/ckpt_{C:08d}.pt at step {C}" in last and "(1 ranks" in last, last
+    assert log_steps(run_dir) == list(range(1, 2 * C + 1))  # every step logged once
+
+    # by hand: the same checkpoint resumed on one node (one process, no torchrun)
+    r = Run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(hand)], str(tmp_path), "hand")
+    rc, out, _ = r.wait()
+    assert rc == 0 and "resuming on 1 ranks from a 2-rank run" in out, r.describe()
+    assert_same_weights(load(hand / f"ckpt_{2 * C:08d}.pt"), load(run_dir / f"ckpt_{2 * C:08d}.pt"),
+                        "the survivor vs the same checkpoint resumed by hand on one node")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    worker(sys.argv[2])
