@@ -241,16 +241,24 @@ def run_stage(meta, cfg, run_dir):
     return "done" if done else "end"
 
 
-def agree_on_resume(run_dir, ckpt_path, stage):
+def agree_on_resume(run_dir, ckpt_path, stage, error=None):
     """Every rank must resume from the same checkpoint (file and step) at the same stage, as they
     agree on stops; a rank that sees another newest checkpoint, or none, stops every rank with one
-    line naming the ranks, hosts and paths. A collective."""
-    mine = (socket.gethostname(), os.path.abspath(run_dir), os.path.basename(ckpt_path) if ckpt_path else None, stage)
+    line naming the ranks, hosts and paths. A rank that could not resolve the run (`error`) stops
+    every rank too, with its message, instead of leaving the others waiting in a collective."""
+    mine = (socket.gethostname(), os.path.abspath(run_dir), os.path.basename(ckpt_path) if ckpt_path else None, stage,
+            str(error) if error is not None else None)
     views = all_gather_objects(mine)
+    failed = [(rank, v) for rank, v in enumerate(views) if v[4] is not None]
+    if error is not None:
+        raise error
+    if failed:
+        rank, (host, _, _, _, msg) = failed[0]
+        raise CheckpointError(f"rank {rank} on {host} stopped: {msg}")
     if len({(v[2], v[3]) for v in views}) == 1:
         return
     groups = {}
-    for rank, (host, path, ckpt, st) in enumerate(views):
+    for rank, (host, path, ckpt, st, _) in enumerate(views):
         groups.setdefault((ckpt, st), []).append((rank, host, path))
     parts = []
     for (ckpt, st), who in groups.items():
@@ -265,8 +273,11 @@ def agree_on_resume(run_dir, ckpt_path, stage):
 def find_run(preset, name, resume, overrides, log):
     """(cfg, run_dir, meta, ckpt_path, stage) of a command, agreed by all ranks: resolve_run on each,
     then the stage (run_stage) and the checkpoint compared across ranks (agree_on_resume)."""
-    cfg, run_dir, meta, ckpt_path = resolve_run(preset, name, resume, overrides, log)
-    stage = run_stage(meta, cfg, run_dir)
+    try:
+        cfg, run_dir, meta, ckpt_path = resolve_run(preset, name, resume, overrides, log)
+        stage = run_stage(meta, cfg, run_dir)
+    except (ConfigError, CheckpointError, OSError) as e:
+        agree_on_resume(resume or "", None, None, e)
     agree_on_resume(run_dir, ckpt_path, stage)
     return cfg, run_dir, meta, ckpt_path, stage
 

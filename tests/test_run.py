@@ -200,16 +200,20 @@ def test_all_ranks_agree_on_the_checkpoint_to_resume_from(monkeypatch, tmp_path)
     def gather(views):
         return lambda mine: [mine] + views
     d = str(tmp_path)
-    monkeypatch.setattr(R, "all_gather_objects", gather([("b", d, "ckpt_00000004.pt", "train")]))
+    monkeypatch.setattr(R, "all_gather_objects", gather([("b", d, "ckpt_00000004.pt", "train", None)]))
     R.agree_on_resume(d, f"{d}/ckpt_00000004.pt", "train")             # the same: fine
-    monkeypatch.setattr(R, "all_gather_objects", gather([("b", "/other", None, "train"),
-                                                         ("c", d, "ckpt_00000002.pt", "train")]))
+    monkeypatch.setattr(R, "all_gather_objects", gather([("b", "/other", None, "train", None),
+                                                         ("c", d, "ckpt_00000002.pt", "train", None)]))
     with pytest.raises(CheckpointError) as e:
         R.agree_on_resume(d, f"{d}/ckpt_00000004.pt", "train")
     msg = str(e.value)
     assert "\n" not in msg and "disagree" in msg and "storage every node sees" in msg
     assert f"rank(s) 0 on {socket.gethostname()} see ckpt_00000004.pt (train) in {d}" in msg
     assert "rank(s) 1 on b see no checkpoint (train) in /other" in msg and "rank(s) 2 on c see ckpt_00000002.pt" in msg
-    monkeypatch.setattr(R, "all_gather_objects", gather([("b", d, "ckpt_00000004.pt", "done")]))
+    monkeypatch.setattr(R, "all_gather_objects", gather([("b", d, "ckpt_00000004.pt", "done", None)]))
     with pytest.raises(CheckpointError, match=r"see ckpt_00000004.pt \(done\)"):   # the stage is agreed too
         R.agree_on_resume(d, f"{d}/ckpt_00000004.pt", "end")
+    # a rank that could not resolve the run stops the others with its message (no one left waiting)
+    monkeypatch.setattr(R, "all_gather_objects", gather([("b", d, None, None, "holds a run with another config")]))
+    with pytest.raises(CheckpointError, match="rank 1 on b stopped: holds a run with another config"):
+        R.agree_on_resume(d, f"{d}/ckpt_00000004.pt", "train")
