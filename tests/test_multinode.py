@@ -18,6 +18,7 @@ test (tests/test_reliability.py's Run).
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 
@@ -162,6 +163,58 @@ def test_a_node_lost_the_survivor_finishes_alone(tmp_path, nodes):
     assert rc == 0 and "resuming on 1 ranks from a 2-rank run" in out, r.describe()
     assert_same_weights(load(hand / f"ckpt_{2 * C:08d}.pt"), load(run_dir / f"ckpt_{2 * C:08d}.pt"),
                         "the survivor vs the same checkpoint resumed by hand on one node")
+
+
+# ----------------------------------------------------------------------------- 3. ranks stop together
+def test_every_rank_stops_on_a_held_run_or_a_run_directory_not_shared(tmp_path, nodes):
+    """Two nodes on a run directory that another live process holds: rank 0's refusal stops every
+    rank, in one line naming the holder. Two nodes whose run directories differ (one holds a
+    checkpoint, the other is local and empty): every rank stops, in one line naming the ranks,
+    hosts and paths, and neither directory is changed."""
+    shared, local = tmp_path / "shared", tmp_path / "local"
+    overrides = ["train.log_every=1"]
+    port = free_port()
+    hold = f"from pmf_fast.run import RunLock; RunLock({str(shared / 'run')!r}).acquire(); print('held', flush=True); "
+    holder = subprocess.Popen([sys.executable, "-c", hold + "import time; time.sleep(300)"], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        runs = nodes("held", [agent(2, 1, port, tmp_path / f"hlog{i}", *train_cmd(shared, "run", *overrides))
+                              for i in range(2)])
+        for r in runs:
+            rc, _, _ = r.wait(180)
+            assert rc != 0, r.describe()
+        errs = [text for i in range(2) for text in worker_logs(tmp_path / f"hlog{i}", "stderr").values()]
+        assert len(errs) == 2, errs
+        for text in errs:
+            lines = text.strip().splitlines()
+            assert lines[-1].startswith("error: ") and f"in use by another run (host {socket.gethostname()}, pid " \
+                f"{holder.pid}, since " in lines[-1] and "Traceback" not in text, text
+    finally:
+        holder.kill()
+        holder.wait()
+
+    from pmf_fast.checkpoint import save_checkpoint
+    from pmf_fast.config import get_config
+    cfg = get_config("pMF-XS/4-test", ["train.batch_size=16", f"train.out_dir={shared}", *overrides])
+    os.remove(shared / "run" / "run.lock")                   # left by the killed holder (stale, but not needed)
+    ckpt = save_checkpoint(str(shared / "run"), 3, {"config": cfg.to_dict(), "train": {"step": 3, "ranks": []}})
+    before = sorted(os.listdir(shared / "run"))
+    port = free_port()
+    runs = nodes("split", [agent(2, 1, port, tmp_path / f"slog{i}", *train_cmd(d, "run", *overrides))
+                           for i, d in enumerate((shared, local))])
+    for r in runs:
+        rc, _, _ = r.wait(180)
+        assert rc != 0, r.describe()
+    errs = [text for i in range(2) for text in worker_logs(tmp_path / f"slog{i}", "stderr").values()]
+    assert len(errs) == 2, errs
+    for text in errs:
+        line = text.strip().splitlines()[-1]
+        assert line.startswith("error: the ranks disagree on the checkpoint to resume from:"), text
+        assert "see ckpt_00000003.pt (train) in " + str(shared / "run") in line and \
+            "see no checkpoint (train) in " + str(local / "run") in line and "storage every node sees" in line, line
+    assert sorted(os.listdir(shared / "run")) == before and os.path.exists(ckpt)
+    assert not local.exists() or os.listdir(local) == []
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
