@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pmf_fast import eval as E
+from pmf_fast.config import ConfigError
 from pmf_fast.data import PreparedLoader, make_loader
 from pmf_fast.data import check as C
 from pmf_fast.data.__main__ import main as data_main
@@ -243,3 +244,6 @@ def test_train_reads_a_prepared_dataset(prepared, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"data {dst}: prepared, 13 images in 2 classes at 16 px" in out
     assert [json.loads(line)["step"] for line in open(os.path.join(run, "log.jsonl"))] == [2]
+    with pytest.raises(ConfigError, match="holds 16 px images but 32 px are asked for"):    # one line in train.py
+        train.main(["--preset", "pMF-XS/4-test", "--name", "p32", f"train.out_dir={tmp_path}", f"train.data={dst}",
+                    "model.in_channels=3", "model.image_size=32"])

@@ -28,14 +28,17 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from ..config import ConfigError
+
 FORMAT = "pmf-fast prepared images v1"
 MANIFEST, PLAN, LABELS, FILES = "manifest.json", "plan.json", "labels.npy", "files.txt"
 HEADER = 128                      # bytes before the pixels: the .npy header, padded (64-byte aligned data)
 CROP = "ADM center crop (pmf_fast.data.folder.center_crop_arr) of the 8-bit RGB image (check.load_rgb)"
 
 
-class PreparedError(ValueError):
-    """A prepared dataset that cannot be used as it is; the message says what to do."""
+class PreparedError(ConfigError):
+    """A prepared dataset that cannot be used as it is (train.data, a config value, names it; so
+    train.py reports it in one line); the message says what to do."""
 
 
 def shard_name(k):
