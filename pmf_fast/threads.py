@@ -1,0 +1,124 @@
+"""Threads of a CPU training step: a passive OpenMP wait policy, and the thread count timed and re-checked.
+
+On a 2-core machine torch's default (one OpenMP thread per core, waiting threads spin) collapses when
+another process keeps a core busy: after every parallel region the threads meet at a barrier, and the
+one that arrives first spins on a core the other needs (`python train.py`: 46 steps in 570 s beside a
+one-core busy loop, 640-872 idle). Two remedies, measured in bench/bench_cpu_threads.py (bench/README.md):
+
+  prefer_passive_wait()  OMP_WAIT_POLICY=PASSIVE: a waiting thread sleeps. OpenMP reads the policy once,
+                         when torch loads it, so this must run before `import torch`. On the shared 2-core
+                         machine (load 4-5 from other processes) it made the digits step 8.8x today's rate,
+                         5.4x beside a busy loop, ahead of one thread (6.8x, 4.4x).
+  ThreadTuner            for a process whose OpenMP already spins (torch imported first): times the loop's
+                         own steps at 1 and n threads (torch.set_num_threads works at run time) and keeps
+                         the faster (5.8x, 3.9x on the same run).
+
+Wiring (train.py): `from pmf_fast.threads import prefer_passive_wait; prefer_passive_wait()` above
+`import torch`; `tuner = ThreadTuner.for_device(device, log)` before the loop (None on GPUs, with an
+explicit OMP_NUM_THREADS, or when the passive policy is in effect) and `if tuner: tuner.step()` after
+each optimizer step.
+
+ThreadTuner's trials: a few steps at each count, one thread first (no barrier: never far off), the
+fastest median kept; a count whose step is already `slowdown` x slower than the best is dropped after
+that one step, so a trial costs about one slow step. Trials repeat as the load changes: at once when
+the chosen count's steps slow down by `slowdown` x (median of the last three), else after what the last
+trial cost / `trial_cost` seconds (at least `min_interval_s`): trials take at most ~2% of the time.
+"""
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+_PASSIVE = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"    # set in the shell, or below
+
+
+def prefer_passive_wait():
+    """Set OMP_WAIT_POLICY=PASSIVE unless the environment sets a policy; call it before `import torch`.
+    Returns whether a passive policy is in effect (False when torch had already loaded OpenMP)."""
+    global _PASSIVE
+    if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        _PASSIVE = True
+    return _PASSIVE
+
+
+@dataclass
+class TunerConfig:
+    trial_steps: int = 3            # timed steps per candidate in a trial (their median decides)
+    slowdown: float = 1.5           # a step this x the best median: drop the candidate / re-check now
+    trial_cost: float = 0.02        # trials may take this fraction of the time: sets the re-check interval
+    min_interval_s: float = 30.0    # seconds between trials at least
+
+
+class ThreadTuner:
+    """Call step() once per training step: one clock read; during a trial, a thread count set."""
+
+    def __init__(self, candidates=None, cfg: TunerConfig = None, log=None, clock=time.perf_counter):
+        import torch  # here, not above: prefer_passive_wait must run before torch loads
+        self._set_threads = torch.set_num_threads
+        self.candidates = sorted(set(candidates or (1, torch.get_num_threads())))
+        self.cfg, self.log, self.clock = cfg or TunerConfig(), log, clock
+        self.choice, self.chosen_s = None, None
+        self.trials = []                  # (count chosen, {count: median step s}, why) per trial
+        self._last, self._recent = None, []
+        self._start_trial("start")
+
+    @classmethod
+    def for_device(cls, device, log=None):
+        """A tuner for CPU training on more than one core without an explicit OMP_NUM_THREADS, when
+        OpenMP's threads spin (no passive policy in effect); else None."""
+        import torch
+        if (torch.device(device).type != "cpu" or os.environ.get("OMP_NUM_THREADS") or _PASSIVE
+                or torch.get_num_threads() < 2):
+            return None
+        return cls(log=log)
+
+    def pause(self):
+        """Time outside training steps follows (sampling, evaluation): the next step() only reads the clock."""
+        self._last = None
+
+    def _start_trial(self, why):
+        self._queue, self._times, self._why = list(self.candidates), {}, why
+        self._set(self._queue[0])
+
+    def _set(self, n):
+        self.current = n
+        self._set_threads(n)
+
+    def step(self):
+        now = self.clock()
+        last, self._last = self._last, now
+        if last is None:                                   # the first call: no whole step seen yet
+            return
+        dt = now - last
+        if not self._queue:                                # between trials
+            self._recent = (self._recent + [dt])[-3:]
+            if len(self._recent) == 3 and statistics.median(self._recent) > self.cfg.slowdown * self.chosen_s:
+                self._start_trial("slower steps")
+            elif now - self._trial_end >= self.interval:
+                self._start_trial("interval")
+            return
+        times = self._times.setdefault(self.current, [])
+        times.append(dt)
+        best = min((statistics.median(t) for c, t in self._times.items() if c != self.current), default=None)
+        if len(times) >= self.cfg.trial_steps or (best is not None and dt > self.cfg.slowdown * best):
+            self._queue.pop(0)
+            if self._queue:
+                self._set(self._queue[0])
+            else:
+                self._finish_trial(now)
+
+    def _finish_trial(self, now):
+        medians = {c: statistics.median(t) for c, t in self._times.items()}
+        chosen = min(medians, key=medians.get)
+        wasted = sum(max(0.0, dt - medians[chosen]) for t in self._times.values() for dt in t)
+        self.interval = max(self.cfg.min_interval_s, wasted / self.cfg.trial_cost)
+        changed = chosen != self.choice
+        self.choice, self.chosen_s, self._trial_end, self._recent = chosen, medians[chosen], now, []
+        self.trials.append((chosen, medians, self._why))
+        self._set(chosen)
+        if self.log and changed:
+            steps = ", ".join(f"{c}: {1e3 * s:.0f} ms" for c, s in sorted(medians.items()))
+            self.log(f"CPU threads: {chosen} (median step by thread count {steps}; trial at {self._why}); "
+                     f"checked again within {self.interval:.0f} s")
