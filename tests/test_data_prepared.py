@@ -201,6 +201,16 @@ def test_two_ranks_share_the_scan_and_the_prepare(prepared, tmp_path):
     assert a.manifest["unusable"] == b.manifest["unusable"]
 
 
+def test_a_damaged_scan_cache_is_scanned_again_and_rewritten(prepared, tmp_path, monkeypatch):
+    src, _, files, _ = prepared
+    monkeypatch.setenv("PMF_CACHE", str(tmp_path))
+    usable_images(src, workers=1)
+    (cache,) = tmp_path.iterdir()
+    cache.write_text('{"bad": {"')                                   # cut short, as by a crash without atomicity
+    assert usable_images(src, workers=1)[0] == files
+    assert json.loads(cache.read_text())["bad"].keys() == {os.path.join(src, f) for f in UNUSABLE}
+
+
 def test_fid_statistics_from_a_prepared_dataset(prepared, monkeypatch):
     from tests.test_eval import RandomExtractor
     src, dst, files, _ = prepared

@@ -264,8 +264,8 @@ def _write_manifest(dst, plan, n_shards):
     for k in range(n_shards):
         rec = _record(dst, k, plan["image_size"])
         if rec is None:
-            raise P.PreparedError(f"{dst}: {P.shard_name(k)} is missing or damaged after every rank finished; "
-                                "run the same command again to rewrite it")
+            raise P.PreparedError(f"{dst}: {P.shard_name(k)} is missing or damaged after every rank finished "
+                                  "(is DST on a file system that every node sees?); run the same command again")
         records.append(rec)
     labels = np.array([y for r in records for y in r["labels"]], dtype=np.int64)
     atomic_write(os.path.join(dst, P.LABELS), lambda f: np.save(f, labels))
