@@ -90,7 +90,7 @@ def worker(out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world, per_node = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_WORLD_SIZE"])
-    result = {"world": world}
+    result = {"world": world, "hosts": [h for h, _ in zip(_all_hosts(), range(world))]}
     for parallel, shard_size in (("ddp", 0), ("fsdp", per_node)):
         params, losses = train_steps(rank, world, parallel, shard_size=shard_size)
         dist.all_reduce(losses)
@@ -98,6 +98,11 @@ def worker(out):
     if rank == 0:
         torch.save(result, out)
     cleanup()
+
+
+def _all_hosts():
+    from pmf_fast.dist import all_gather_objects
+    return all_gather_objects(socket.gethostname())
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +128,64 @@ def test_two_nodes_equal_one_process(tmp_path, nodes, single):
         assert_close_by_rule(losses, l64, l32, f"{parallel} losses")
         for n in p64:
             assert_close_by_rule(params[n], p64[n], p32[n], f"{parallel} 2 nodes x 2 {n}", relative_atol=True)
+
+
+# ----------------------------------------------------------------------------- 1b. two hosts on a veth pair
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair, 10.231.0.1 and .2: [(netns, interface, address)].
+    Needs root and iproute2's `ip netns`; skips otherwise."""
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("unshare"):
+        pytest.skip("the veth variant needs root, `ip` and `unshare` (network namespaces)")
+    tag = f"pmf{os.getpid() % 100000}"
+    hosts = [(f"{tag}a", f"{tag}a", "10.231.0.1"), (f"{tag}b", f"{tag}b", "10.231.0.2")]
+
+    def ip(*args):
+        return subprocess.run(["ip", *args], capture_output=True, text=True)
+    try:
+        made = [ip("netns", "add", ns) for ns, _, _ in hosts]
+        if any(r.returncode for r in made):
+            pytest.skip(f"cannot create network namespaces here: {' '.join(r.stderr.strip() for r in made)}")
+        steps = [("link", "add", hosts[0][1], "type", "veth", "peer", "name", hosts[1][1])]
+        for ns, dev, addr in hosts:
+            steps += [("link", "set", dev, "netns", ns), ("-n", ns, "addr", "add", f"{addr}/24", "dev", dev),
+                      ("-n", ns, "link", "set", dev, "up"), ("-n", ns, "link", "set", "lo", "up")]
+        for step in steps:
+            r = ip(*step)
+            if r.returncode:
+                pytest.skip(f"cannot set up the veth pair: ip {' '.join(step)}: {r.stderr.strip()}")
+        yield hosts
+    finally:
+        for ns, _, _ in hosts:
+            ip("netns", "del", ns)
+
+
+def test_two_hosts_on_a_veth_pair(tmp_path, nodes, single, two_hosts):
+    """The two nodes as two hosts (own network namespace, address and host name), gloo bound to the
+    veth interface by GLOO_SOCKET_IFNAME, the rendezvous at the first host's address: DDP and HSDP
+    over 2 hosts x 1 process equal one process."""
+    from tests.conftest import assert_close_by_rule
+    out, port = tmp_path / "out.pt", free_port()
+    script = [os.path.abspath(__file__), "--worker", str(out)]
+    hosts_file = tmp_path / "hosts"                          # each host's /etc/hosts (a private mount)
+    hosts_file.write_text("127.0.0.1 localhost\n" + "".join(f"{a} host{i}\n" for i, (_, _, a) in enumerate(two_hosts)))
+    commands = []
+    for i, (ns, dev, _) in enumerate(two_hosts):
+        inner = " ".join(agent(2, 1, port, tmp_path / f"log{i}", *script, host=two_hosts[0][2]))
+        commands.append(["ip", "netns", "exec", ns, "unshare", "--uts", "--mount", "sh", "-c",
+                         f"hostname host{i} && mount --bind {hosts_file} /etc/hosts && "
+                         f"GLOO_SOCKET_IFNAME={dev} exec {inner}"])
+    for r in nodes("host", commands):
+        rc, _, _ = r.wait(240)
+        assert rc == 0, r.describe()
+    got = torch.load(out)
+    assert got["world"] == 2 and sorted(got["hosts"]) == ["host0", "host1"], got   # two host names
+    (p64, l64), (p32, l32) = single
+    for parallel in ("ddp", "fsdp"):
+        params, losses = got[parallel]
+        assert_close_by_rule(losses, l64, l32, f"{parallel} losses")
+        for n in p64:
+            assert_close_by_rule(params[n], p64[n], p32[n], f"{parallel} 2 hosts {n}", relative_atol=True)
 
 
 # ----------------------------------------------------------------------------- 2. a node lost
