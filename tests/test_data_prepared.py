@@ -87,6 +87,17 @@ def test_batches_are_world_size_invariant_and_resume_exactly(prepared):
         assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned buffers and CUDA events need a GPU")
+def test_cuda_batches_equal_the_cpu_ones(prepared):
+    dst = prepared[1]
+    cpu = make_loader(dst, SIZE, 5, 0, 1, 0, "cpu", log=lambda s: None, flip=True)[0]
+    gpu = make_loader(dst, SIZE, 5, 0, 1, 0, "cuda", 2, log=lambda s: None, flip=True)[0]
+    assert gpu.bufs[0].is_pinned()
+    for _ in range(7):                                  # past the epoch and around the ring of 3 buffers
+        (a, ya), (b, yb) = next(cpu), next(gpu)
+        assert b.is_cuda and b.is_contiguous() and torch.equal(a, b.cpu()) and torch.equal(ya, yb.cpu())
+
+
 def test_prepare_resumes_after_a_full_disk(prepared, tmp_path, monkeypatch, capsys):
     src, ref = prepared[0], prepared[1]
     dst = str(tmp_path / "dst")

@@ -120,6 +120,9 @@ class PreparedLoader:
         self.bufs = [torch.empty(batches.batch, s, s, 3, dtype=torch.uint8, pin_memory=self.cuda)
                      for _ in range(depth)]
         self.events = [torch.cuda.Event() for _ in range(depth)] if self.cuda else None
+        # on the GPU the floats come from a table made by FolderDataset's arithmetic on the CPU: CUDA
+        # divides by a scalar as a multiply by its reciprocal, which can be an ulp off
+        self.lut = (torch.arange(256, dtype=torch.float32) / 127.5 - 1.0).to(self.device) if self.cuda else None
         self.epoch, self.index = 0, 0
         self._thread = None
 
@@ -154,7 +157,7 @@ class PreparedLoader:
         if self.cuda:
             x = self.bufs[slot].to(self.device, non_blocking=True)
             self.events[slot].record()
-            x = x.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)
+            x = self.lut.take(x.permute(0, 3, 1, 2).contiguous().long())
         self._free.put(slot)                              # at most `depth` batches are ever prepared ahead
         y = self.labels[idx].to(self.device, non_blocking=True)
         self.epoch, self.index = self.batches.next_pos(self.epoch, self.index)
