@@ -117,10 +117,12 @@ def test_prepare_resumes_after_a_full_disk(prepared, tmp_path, monkeypatch, caps
     assert not [f for f in os.listdir(dst) if ".tmp." in f] and not os.path.exists(os.path.join(dst, MANIFEST))
     with pytest.raises(PreparedError, match="unfinished prepared dataset: run .* again to finish it"):
         make_loader(dst, SIZE, 2, 0, 1, 0, "cpu")
+    stale = os.path.join(dst, shard_name(4) + ".tmp.999999999")     # as left by a killed run (no such pid)
+    open(stale, "wb").write(b"half a shard")
     calls.clear()
     monkeypatch.setattr(os, "posix_fallocate", lambda *a: (calls.append(a[2]), real(*a)))
     assert data_main(args) == 0
-    assert len(calls) == 3                                          # the two finished shards were kept
+    assert len(calls) == 3 and not os.path.exists(stale)           # the two finished shards were kept
     a, b = open_prepared(dst), open_prepared(ref)
     assert np.array_equal(a[:], b[:]) and np.array_equal(a.labels, b.labels)
     assert a.manifest["unusable"] == b.manifest["unusable"]
