@@ -8,13 +8,14 @@ On the CPU: impl "eager", fp32, backend "aot_eager" (Dynamo capture + AOT autogr
 on a GPU: impl "fast", bf16 autocast, backend "inductor". Compile time = first call minus second
 call, both wall clock with the device synchronised (the issue's measure); each row also carries
 dynamo_compile_s, the compile time Dynamo accounts for itself (frame compiles plus the lazy
-backward compiles), which the step time's noise on a shared CPU does not touch. Each case runs in its own Python process (a
-cold Dynamo, inductor's on-disk caches off via TORCHINDUCTOR_FORCE_DISABLE_CACHES), under a time
+backward compiles), which the step time's noise on a shared CPU does not touch. Each case runs in its
+own Python process (a cold Dynamo, inductor's on-disk caches off via TORCHINDUCTOR_FORCE_DISABLE_CACHES), under a time
 limit (PMF_COMPILE_BENCH_TIMEOUT seconds, default 900): a case past it is recorded as not finished.
 Regional cases run first, so their rows exist even when the whole-loss baseline is cut off.
 The whole-loss rows are the baseline of the regional rows at the same depth (speedup = baseline /
 value). Measured on the device the bench runs on; a device-independent benchmark (cpu_ok).
-PMF_BENCH_SMOKE=1: the tiny preset at depths 2 and 3, in the pytest process.
+Small run (PMF_BENCH_SMOKE=1, or a CPU without --full): the tiny preset at depths 2 and 3, in the pytest
+process; --full on a CPU: B/16 at depths 10 and 16, whose whole-loss compile alone takes minutes.
 """
 import json
 import os
@@ -25,10 +26,10 @@ import time
 import pytest
 import torch
 
-from bench.common import SMOKE, device, record
+from bench.common import SMALL, SMOKE, device, record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRESET, DEPTHS, BATCH = ("pMF-XS/4-test", (2, 3), 2) if SMOKE else ("pMF-B/16", (10, 16), 2)
+PRESET, DEPTHS, BATCH = ("pMF-XS/4-test", (2, 3), 2) if SMALL else ("pMF-B/16", (10, 16), 2)
 APPROACHES = ("regional", "whole-loss")          # regional first: its rows survive a cut-off baseline
 TIMEOUT_S = float(os.environ.get("PMF_COMPILE_BENCH_TIMEOUT", "900"))
 
@@ -90,8 +91,8 @@ def measure(preset, approach, depth, batch):
 
 def run_case(approach, depth):
     """measure() in a fresh process, under TIMEOUT_S; {"error": ...} when it fails or runs out.
-    Smoke run: in this process (after torch._dynamo.reset()), to spare CI the interpreter starts."""
-    if SMOKE:
+    Small run: in this process (after torch._dynamo.reset()), to spare CI the interpreter starts."""
+    if SMALL:
         return measure(PRESET, approach, depth, BATCH)
     env = dict(os.environ, PYTHONPATH=ROOT, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
     cmd = [sys.executable, "-m", "bench.bench_compile", PRESET, approach, str(depth), str(BATCH)]
@@ -109,6 +110,8 @@ def run_case(approach, depth):
 
 
 @pytest.mark.cpu_ok
+@pytest.mark.skipif(SMALL and not SMOKE, reason="compiling takes minutes on a CPU (95 s at the tiny preset on 2 "
+                    "busy cores): pytest bench --full")
 def test_first_step_compile_time(benchmark):
     group = "first-step compile (first minus second call)"
     results = {}
@@ -123,7 +126,8 @@ def test_first_step_compile_time(benchmark):
             prev = results.get((approach, DEPTHS[0]))
             if depth != DEPTHS[0] and prev and "error" not in prev:
                 # growth with depth: compile seconds per block added
-                info["s_per_added_block"] = round((r["compile_s"] - prev["compile_s"]) / (r["blocks"] - prev["blocks"]), 3)
+                added = r["blocks"] - prev["blocks"]
+                info["s_per_added_block"] = round((r["compile_s"] - prev["compile_s"]) / added, 3)
             record(benchmark, group, f"{name} ({r['backend']})", r["compile_s"], None, unit="s", depth=depth, **info)
     # regional rows against the whole-loss baseline at the same depth, once both are known
     for depth in DEPTHS:

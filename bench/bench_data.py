@@ -13,14 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.common import SMOKE, record
+from bench.common import SMALL, record
 from pmf_fast.data import make_loader
 from pmf_fast.data.dali import HAVE_DALI
 from pmf_fast.data.prepare import prepare
 from pmf_fast.data.prepared import open_prepared
 
-N_IMAGES = 64 if SMOKE else 1024
-BATCH = 16 if SMOKE else 128
+N_IMAGES = 64 if SMALL else 1024     # small: smoke, or a CPU without --full
+BATCH = 16 if SMALL else 128
 SIZE = 256
 IMAGENET = 1_281_167                                 # ImageNet-1k train images
 GPU_RATES = (600, 800)                               # images/s per GPU at the target step rate (B/16, >= 40% MFU)
@@ -108,7 +108,7 @@ def test_prepared_gather_throughput(benchmark, prepared):
     batches = ShardedBatches(len(ds), BATCH, 0, 1, 0)
     buf = np.empty((BATCH, SIZE, SIZE, 3), np.uint8)
     ds.gather(batches.indices(0, 0).tolist(), buf)
-    n = 40 if not SMOKE else 3
+    n = 40 if not SMALL else 3
     t0 = time.perf_counter()
     for i in range(n):
         ds.gather(batches.indices(i // batches.per_epoch, i % batches.per_epoch).tolist(), buf)

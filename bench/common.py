@@ -12,6 +12,22 @@ import time
 import torch
 
 SMOKE = os.environ.get("PMF_BENCH_SMOKE") == "1"     # CPU smoke run: tiny shapes, no timing claims
+FULL = os.environ.get("PMF_BENCH_FULL") == "1"       # `pytest bench --full`: full-size CPU measurements
+# Without a GPU and without --full, the device-independent benchmarks run at small shapes: at full size
+# `pytest bench` ran 8 minutes on 2 cores and was killed at 24 GB (pMF-H/16's reference step).
+SMALL = SMOKE or not (FULL or torch.cuda.is_available())
+
+
+def ram_gib():
+    """GiB of memory available now (MemAvailable; the physical total where /proc is absent)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def device():

@@ -1,5 +1,7 @@
-"""`pytest bench` runs the benchmarks on a CUDA GPU and skips cleanly elsewhere
-(PMF_BENCH_SMOKE=1 runs them at tiny shapes on the CPU, in Triton's interpreter, to check the code)."""
+"""`pytest bench` runs the benchmarks on a CUDA GPU. Without one, the GPU benchmarks skip and the
+device-independent ones (cpu_ok) run at small shapes in about a minute; `pytest bench --full` runs
+those at full size (bench/README.md: time and memory). PMF_BENCH_SMOKE=1 runs every benchmark at tiny
+shapes on the CPU, in Triton's interpreter, to check the code."""
 import os
 
 import pytest
@@ -7,6 +9,16 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="run the device-independent benchmarks at full size on the CPU (bench/README.md)")
+
+
+def pytest_configure(config):
+    if config.getoption("--full"):
+        os.environ["PMF_BENCH_FULL"] = "1"               # read by bench/common.py, imported after this
 
 
 def pytest_collection_modifyitems(config, items):
