@@ -17,6 +17,7 @@ test (tests/test_reliability.py's Run).
 """
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import time
 import pytest
 import torch
 
+from pmf_fast.checkpoint import list_checkpoints
 from tests.test_reliability import (
     ROOT,
     Run,
@@ -38,8 +40,9 @@ from tests.test_reliability import (
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 # the c10d rendezvous, tuned for a test: a node missing for 3 s is dead (default 15 s), and once
-# the minimum number of nodes is there the rendezvous waits 2 s for more (default 30 s)
-RDZV_CONF = "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3"
+# the minimum number of nodes is there the rendezvous waits 10 s for more (default 30 s; it ends
+# at once when all --nnodes are there)
+RDZV_CONF = "last_call_timeout=10,keep_alive_interval=1,keep_alive_max_attempt=3"
 
 
 def free_port():
@@ -55,22 +58,28 @@ def agent(nnodes, nproc, port, log_dir, *script, max_restarts=0, host="127.0.0.1
             f"--max-restarts={max_restarts}", f"--log-dir={log_dir}", "--tee=3", *script]
 
 
-def start_nodes(tmp_path, tag, commands):
-    """Start one agent per command, the first (which hosts the rendezvous store) first."""
-    runs = []
-    for i, cmd in enumerate(commands):
-        runs.append(Run(cmd, str(tmp_path), f"{tag}{i}"))
-        if i == 0:
-            time.sleep(0.5)
-    return runs
+def start_nodes(tmp_path, tag, commands, port=None):
+    """Start one agent per command; with the rendezvous `port` on loopback, the others only once
+    the first one listens there (it then hosts the rendezvous store: the one node not to lose)."""
+    runs = [Run(commands[0], str(tmp_path), f"{tag}0")]
+    t0 = time.time()
+    while port is not None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if not runs[0].alive() or time.time() - t0 > 120:
+                pytest.fail(f"the first agent does not listen on {port}\n{runs[0].describe()}")
+            time.sleep(0.1)
+    return runs + [Run(cmd, str(tmp_path), f"{tag}{i}") for i, cmd in enumerate(commands[1:], 1)]
 
 
 @pytest.fixture
 def nodes(tmp_path):
     started = []
 
-    def start(tag, commands):
-        runs = start_nodes(tmp_path, tag, commands)
+    def start(tag, commands, port=None):
+        runs = start_nodes(tmp_path, tag, commands, port)
         started.extend(runs)
         return runs
     yield start
@@ -117,7 +126,7 @@ def test_two_nodes_equal_one_process(tmp_path, nodes, single):
     from tests.conftest import assert_close_by_rule
     out, port = tmp_path / "out.pt", free_port()
     script = [os.path.abspath(__file__), "--worker", str(out)]
-    for r in nodes("node", [agent(2, 2, port, tmp_path / f"log{i}", *script) for i in range(2)]):
+    for r in nodes("node", [agent(2, 2, port, tmp_path / f"log{i}", *script) for i in range(2)], port):
         rc, _, _ = r.wait(240)
         assert rc == 0, r.describe()
     got = torch.load(out)
@@ -190,6 +199,7 @@ def test_two_hosts_on_a_veth_pair(tmp_path, nodes, single, two_hosts):
 
 # ----------------------------------------------------------------------------- 2. a node lost
 C = 6                                          # checkpoint every C steps; node 1 is lost after the first
+STEPS = 24
 
 
 def attempts(log_dir):
@@ -197,35 +207,63 @@ def attempts(log_dir):
     return {a: text for (a, local), text in worker_logs(log_dir, "stdout").items() if local == 0}
 
 
-def test_a_node_lost_the_survivor_finishes_alone(tmp_path, nodes):
+def test_a_node_lost_then_back(tmp_path, nodes):
     """--nnodes=1:2 --max-restarts=3: node 1 (its agent and worker) is killed with SIGKILL after the
     first checkpoint; node 0's agent restarts its worker alone, which resumes from the newest
-    checkpoint (a lock left by a killed rank 0 is stale) and finishes the run; its final state
-    equals a run resumed by hand from the same checkpoint on one node."""
+    checkpoint (a lock left by a killed rank 0 is stale) and trains on. The job is then stopped
+    (SIGTERM to the agent: a checkpoint) and both nodes start again: the run continues on two and
+    finishes, every step logged once. What the survivor trained alone equals the same checkpoint
+    resumed by hand on one node. (A node joining the running elastic job is torchrun's scale-up,
+    which hangs in torch 2.14: docs/multinode.md.)"""
     port, run_dir = free_port(), tmp_path / "run"
     train_args = train_cmd(tmp_path, "run", "train.log_every=1", "train.stop_check_every=1", f"train.ckpt_every={C}",
-                           f"train.steps={2 * C}")
-    a, b = nodes("node", [agent("1:2", 1, port, tmp_path / f"log{i}", *train_args, max_restarts=3) for i in range(2)])
+                           f"train.steps={STEPS}")
+
+    def start(tag, port):
+        return nodes(tag, [agent("1:2", 1, port, tmp_path / f"{tag}log{i}", *train_args, max_restarts=3)
+                           for i in range(2)], port)
+    a, b = start("node", port)
     wait_for_step(a, run_dir, C + 1)
     b.kill_tree()                                            # node 1 lost: its agent and worker, SIGKILL
-    hand = tmp_path / "hand"
-    hand.mkdir()
-    shutil.copy(run_dir / f"ckpt_{C:08d}.pt", hand)
-    assert len(load(hand / f"ckpt_{C:08d}.pt")["train"]["ranks"]) == 2          # written on two nodes
-    rc, _, _ = a.wait()
-    assert rc == 0, a.describe()
-    log = attempts(tmp_path / "log0")
-    assert len(log) >= 2, log                                # restarted by its agent
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    shutil.copy(run_dir / f"ckpt_{C:08d}.pt", kept)
+    assert len(load(kept / f"ckpt_{C:08d}.pt")["train"]["ranks"]) == 2          # written on two nodes
+
+    def alone():
+        log = attempts(tmp_path / "nodelog0")
+        return len(log) > 1 and f"\nstep {C + 2} " in log[max(log)]
+    t0 = time.time()
+    while not alone():
+        assert a.alive() and time.time() - t0 < 180, f"no step {C + 2} on the survivor\n{a.describe()}"
+        time.sleep(0.05)
+    os.kill(a.proc.pid, signal.SIGTERM)                      # the job stopped: its worker writes a checkpoint
+    a.wait()
+    log = attempts(tmp_path / "nodelog0")
     last = log[max(log)]
     assert f"resumed from {run_dir}/ckpt_{C:08d}.pt at step {C}" in last and "(1 ranks" in last, last
-    assert log_steps(run_dir) == list(range(1, 2 * C + 1))  # every step logged once
+    stop = max(s for s, _ in list_checkpoints(run_dir))
+    assert C + 2 <= stop < STEPS and f"stopped at step {stop} (SIGTERM received)" in last, last
+    shutil.copy(run_dir / f"ckpt_{stop:08d}.pt", kept)
 
-    # by hand: the same checkpoint resumed on one node (one process, no torchrun)
-    r = Run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(hand)], str(tmp_path), "hand")
+    for r in start("back", free_port()):                     # both nodes again: the run continues on two
+        rc, _, _ = r.wait()
+        assert rc == 0, r.describe()
+    texts = [t for i in range(2) for t in attempts(tmp_path / f"backlog{i}").values()]
+    assert any(f"resumed from {run_dir}/ckpt_{stop:08d}.pt at step {stop}" in t and "(2 ranks" in t
+               for t in texts), texts
+    assert log_steps(run_dir) == list(range(1, STEPS + 1))  # every step logged once
+
+    # by hand: the checkpoint the survivor resumed, on one node (one process, no torchrun), to its stop
+    hand = tmp_path / "hand"
+    hand.mkdir()
+    shutil.copy(kept / f"ckpt_{C:08d}.pt", hand)
+    r = Run([sys.executable, os.path.join(ROOT, "train.py"), "--resume", str(hand), f"train.steps={stop}"],
+            str(tmp_path), "hand")
     rc, out, _ = r.wait()
     assert rc == 0 and "resuming on 1 ranks from a 2-rank run" in out, r.describe()
-    assert_same_weights(load(hand / f"ckpt_{2 * C:08d}.pt"), load(run_dir / f"ckpt_{2 * C:08d}.pt"),
-                        "the survivor vs the same checkpoint resumed by hand on one node")
+    assert_same_weights(load(hand / f"ckpt_{stop:08d}.pt"), load(kept / f"ckpt_{stop:08d}.pt"),
+                        "the survivor alone vs the same checkpoint resumed by hand on one node")
 
 
 # ----------------------------------------------------------------------------- 3. ranks stop together
@@ -243,7 +281,7 @@ def test_every_rank_stops_on_a_held_run_or_a_run_directory_not_shared(tmp_path, 
     try:
         assert holder.stdout.readline().strip() == "held"
         runs = nodes("held", [agent(2, 1, port, tmp_path / f"hlog{i}", *train_cmd(shared, "run", *overrides))
-                              for i in range(2)])
+                              for i in range(2)], port)
         for r in runs:
             rc, _, _ = r.wait(180)
             assert rc != 0, r.describe()
@@ -265,7 +303,7 @@ def test_every_rank_stops_on_a_held_run_or_a_run_directory_not_shared(tmp_path, 
     before = sorted(os.listdir(shared / "run"))
     port = free_port()
     runs = nodes("split", [agent(2, 1, port, tmp_path / f"slog{i}", *train_cmd(d, "run", *overrides))
-                           for i, d in enumerate((shared, local))])
+                           for i, d in enumerate((shared, local))], port)
     for r in runs:
         rc, _, _ = r.wait(180)
         assert rc != 0, r.describe()
