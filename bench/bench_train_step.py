@@ -62,7 +62,8 @@ def measure(preset, variant, batch, steps=8):
     m, dev = cfg.model, device()
     torch.manual_seed(0)
     model = PMFDiT(m).to(dev).set_impl(impl)
-    step_model = parallelize(model, impl, device=torch.device(dev),                              # the CPU smoke run skips compiling (tests/test_compile.py covers it)
+    # the CPU smoke run skips compiling (tests/test_compile.py covers it)
+    step_model = parallelize(model, impl, device=torch.device(dev),
                              compile=variant != "kernels" and impl == "fast" and not SMOKE)
     opts = build_optimizers(model, cfg.optim)
     perceptual = None
