@@ -262,12 +262,25 @@ def agree_on_resume(run_dir, ckpt_path, stage, error=None):
         groups.setdefault((ckpt, st), []).append((rank, host, path))
     parts = []
     for (ckpt, st), who in groups.items():
-        ranks = ",".join(str(r) for r, _, _ in who)
-        hosts = ",".join(sorted({h for _, h, _ in who}))
-        paths = ",".join(sorted({p for _, _, p in who}))
-        parts.append(f"rank(s) {ranks} on {hosts} see {ckpt or 'no checkpoint'} ({st}) in {paths}")
+        hosts, paths = _few(sorted({h for _, h, _ in who})), _few(sorted({p for _, _, p in who}))
+        parts.append(f"rank(s) {_ranges([r for r, _, _ in who])} on {hosts} see {ckpt or 'no checkpoint'} ({st}) "
+                     f"in {paths}")
     raise CheckpointError("the ranks disagree on the checkpoint to resume from: " + "; ".join(parts) +
                           ". The run directory must be on storage every node sees (set train.out_dir to it)")
+
+
+def _ranges(ranks):
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8": a line stays short on thousands of ranks."""
+    out, start = [], ranks[0]
+    for prev, r in zip(ranks, ranks[1:] + [None]):
+        if r is None or r != prev + 1:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = r
+    return ",".join(out)
+
+
+def _few(names, n=3):
+    return ",".join(names[:n]) + (f",... ({len(names)} in all)" if len(names) > n else "")
 
 
 def find_run(preset, name, resume, overrides, log):
