@@ -74,7 +74,7 @@ def worker():
     for line in sys.stdin:
         setting, seconds = line.rsplit(" ", 1)
         if setting.endswith("tuner"):
-            tuner = tuner or ThreadTuner()
+            tuner = tuner or ThreadTuner((1, default))            # not the count the last case left
             tuner.pause()
             torch.set_num_threads(tuner.current)          # the other cases of this worker changed it
             tuner.step()

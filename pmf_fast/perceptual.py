@@ -131,8 +131,10 @@ def crop_resize(images, windows, size=224):
     it to size x size (bicubic, antialias) as two batched matmuls: out_i = Ry_i @ image_i @ Rx_i^T.
     Equal to crop_resize_ref (tests/test_perceptual.py: values and input gradients); at batch 128,
     256 px it replaces the per-sample loop's ~1000 launches per forward+backward (bench/README.md).
-    Computes in fp32 (fp64 inputs: fp64) outside autocast, so the resampling never runs in bf16."""
-    n, _, h, w = images[0].shape
+    Computes in fp32 (fp64 inputs: fp64) outside autocast, so the resampling never runs in bf16 (with
+    TF32 allowed, as train.py allows it on GPUs, the matmuls round to TF32: finer than the bf16 the
+    networks then see under autocast)."""
+    h, w = images[0].shape[-2:]
     dtype = torch.promote_types(images[0].dtype, torch.float32)
     ry, rx = resize_matrices(windows, h, w, size, images[0].device, dtype)
     dev = images[0].device.type
@@ -184,15 +186,17 @@ def convnext_hf_to_timm(state: dict) -> dict:
     """Map a Hugging Face ConvNextV2 state dict (facebook/convnextv2-*) onto timm's convnextv2 names.
     The classifier is dropped (the loss uses the pooled, LayerNormed features)."""
     out = {}
+    block = r"^convnextv2\.encoder\.stages\.(\d+)\.layers\.(\d+)\."
     rules = [
         (r"^convnextv2\.embeddings\.patch_embeddings\.(weight|bias)$", r"stem.0.\1"),
         (r"^convnextv2\.embeddings\.layernorm\.(weight|bias)$", r"stem.1.\1"),
-        (r"^convnextv2\.encoder\.stages\.(\d+)\.downsampling_layer\.(\d)\.(weight|bias)$", r"stages.\1.downsample.\2.\3"),
-        (r"^convnextv2\.encoder\.stages\.(\d+)\.layers\.(\d+)\.dwconv\.(weight|bias)$", r"stages.\1.blocks.\2.conv_dw.\3"),
-        (r"^convnextv2\.encoder\.stages\.(\d+)\.layers\.(\d+)\.layernorm\.(weight|bias)$", r"stages.\1.blocks.\2.norm.\3"),
-        (r"^convnextv2\.encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv1\.(weight|bias)$", r"stages.\1.blocks.\2.mlp.fc1.\3"),
-        (r"^convnextv2\.encoder\.stages\.(\d+)\.layers\.(\d+)\.grn\.(weight|bias)$", r"stages.\1.blocks.\2.mlp.grn.\3"),
-        (r"^convnextv2\.encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv2\.(weight|bias)$", r"stages.\1.blocks.\2.mlp.fc2.\3"),
+        (r"^convnextv2\.encoder\.stages\.(\d+)\.downsampling_layer\.(\d)\.(weight|bias)$",
+         r"stages.\1.downsample.\2.\3"),
+        (block + r"dwconv\.(weight|bias)$", r"stages.\1.blocks.\2.conv_dw.\3"),
+        (block + r"layernorm\.(weight|bias)$", r"stages.\1.blocks.\2.norm.\3"),
+        (block + r"pwconv1\.(weight|bias)$", r"stages.\1.blocks.\2.mlp.fc1.\3"),
+        (block + r"grn\.(weight|bias)$", r"stages.\1.blocks.\2.mlp.grn.\3"),
+        (block + r"pwconv2\.(weight|bias)$", r"stages.\1.blocks.\2.mlp.fc2.\3"),
         (r"^convnextv2\.layernorm\.(weight|bias)$", r"head.norm.\1"),
     ]
     for k, v in state.items():

@@ -1,46 +1,30 @@
-"""Threads of a CPU training step: a passive OpenMP wait policy, and the thread count timed and re-checked.
+"""The intra-op thread count of a CPU training step, chosen by timing the loop's own steps, re-checked.
 
-On a 2-core machine torch's default (one OpenMP thread per core, waiting threads spin) collapses when
-another process keeps a core busy: after every parallel region the threads meet at a barrier, and the
-one that arrives first spins on a core the other needs (`python train.py`: 46 steps in 570 s beside a
-one-core busy loop, 640-872 idle). Two remedies, measured in bench/bench_cpu_threads.py (bench/README.md):
+On a 2-core machine torch's default (one OpenMP thread per core) collapses when another process keeps
+a core busy: after every parallel region the threads meet at a barrier, and the one that arrives first
+spins on a core the other needs (`python train.py`: 46 steps in 570 s beside a one-core busy loop,
+640-872 idle). One thread has no barrier. torch.set_num_threads works at run time; OpenMP's wait policy
+does not (it is read when torch loads OpenMP). bench/bench_cpu_threads.py, three runs on 2 shared
+cores (bench/README.md): beside a busy loop one thread made 4.1-5.4x today's rate and the tuner
+(choosing one thread) 3.8-5.9x; on the quietest run one thread was 0.96x today idle, so the tuner
+keeps n threads when they are faster. OMP_WAIT_POLICY=PASSIVE also helped under load (4.2-10.7x) but
+was 0.79x today on the quiet run, and it must be set before `import torch`: not the default here.
 
-  prefer_passive_wait()  OMP_WAIT_POLICY=PASSIVE: a waiting thread sleeps. OpenMP reads the policy once,
-                         when torch loads it, so this must run before `import torch`. On the shared 2-core
-                         machine (load 4-5 from other processes) it made the digits step 8.8x today's rate,
-                         5.4x beside a busy loop, ahead of one thread (6.8x, 4.4x).
-  ThreadTuner            for a process whose OpenMP already spins (torch imported first): times the loop's
-                         own steps at 1 and n threads (torch.set_num_threads works at run time) and keeps
-                         the faster (5.8x, 3.9x on the same run).
+Wiring (train.py): `tuner = ThreadTuner.for_device(device, log)` before the loop (None on GPUs, with
+an explicit OMP_NUM_THREADS, or on one core), and `if tuner: tuner.step()` after each optimizer step.
 
-Wiring (train.py): `from pmf_fast.threads import prefer_passive_wait; prefer_passive_wait()` above
-`import torch`; `tuner = ThreadTuner.for_device(device, log)` before the loop (None on GPUs, with an
-explicit OMP_NUM_THREADS, or when the passive policy is in effect) and `if tuner: tuner.step()` after
-each optimizer step.
-
-ThreadTuner's trials: a few steps at each count, one thread first (no barrier: never far off), the
-fastest median kept; a count whose step is already `slowdown` x slower than the best is dropped after
-that one step, so a trial costs about one slow step. Trials repeat as the load changes: at once when
-the chosen count's steps slow down by `slowdown` x (median of the last three), else after what the last
+A trial runs a few steps at each count, one thread first (no barrier: never far off), and keeps the
+fastest median; a count whose step is already `slowdown` x slower than the best is dropped after that
+one step, so a trial costs about one slow step. Trials repeat as the load changes: at once when the
+chosen count's steps slow down by `slowdown` x (median of the last three), else after what the last
 trial cost / `trial_cost` seconds (at least `min_interval_s`): trials take at most ~2% of the time.
 """
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
-_PASSIVE = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"    # set in the shell, or below
-
-
-def prefer_passive_wait():
-    """Set OMP_WAIT_POLICY=PASSIVE unless the environment sets a policy; call it before `import torch`.
-    Returns whether a passive policy is in effect (False when torch had already loaded OpenMP)."""
-    global _PASSIVE
-    if "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        _PASSIVE = True
-    return _PASSIVE
+import torch
 
 
 @dataclass
@@ -55,8 +39,6 @@ class ThreadTuner:
     """Call step() once per training step: one clock read; during a trial, a thread count set."""
 
     def __init__(self, candidates=None, cfg: TunerConfig = None, log=None, clock=time.perf_counter):
-        import torch  # here, not above: prefer_passive_wait must run before torch loads
-        self._set_threads = torch.set_num_threads
         self.candidates = sorted(set(candidates or (1, torch.get_num_threads())))
         self.cfg, self.log, self.clock = cfg or TunerConfig(), log, clock
         self.choice, self.chosen_s = None, None
@@ -66,11 +48,8 @@ class ThreadTuner:
 
     @classmethod
     def for_device(cls, device, log=None):
-        """A tuner for CPU training on more than one core without an explicit OMP_NUM_THREADS, when
-        OpenMP's threads spin (no passive policy in effect); else None."""
-        import torch
-        if (torch.device(device).type != "cpu" or os.environ.get("OMP_NUM_THREADS") or _PASSIVE
-                or torch.get_num_threads() < 2):
+        """A tuner for CPU training on more than one core without an explicit OMP_NUM_THREADS; else None."""
+        if torch.device(device).type != "cpu" or os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads() < 2:
             return None
         return cls(log=log)
 
@@ -84,7 +63,7 @@ class ThreadTuner:
 
     def _set(self, n):
         self.current = n
-        self._set_threads(n)
+        torch.set_num_threads(n)
 
     def step(self):
         now = self.clock()

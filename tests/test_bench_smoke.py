@@ -49,7 +49,7 @@ def test_bench_smoke(tmp_path):
     groups = {r["group"] for r in rows}
     assert {"attention fwd+tangent", "attention fwd+tangent tiles", "attention fwd", "attention bwd",
             "newton-schulz pMF-B step", "patch embed (image + tangent)", "saved for backward (fp32)", "train step",
-            "data loader (256 px)"} <= groups
+            "data loader (256 px)", "paired crop (bicubic antialias)"} <= groups
     assert all(r["ms"] > 0 and r["device"] == "cpu (smoke)" for r in rows)
     kernels = ("attention", "newton-schulz", "patch embed", "saved for backward (fp32)")
     assert all(r["baseline_ms"] > 0 for r in rows if r["group"].startswith(kernels))   # measured beside

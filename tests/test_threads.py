@@ -1,13 +1,7 @@
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from pmf_fast.threads import ThreadTuner, TunerConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Loop:
@@ -67,18 +61,14 @@ def test_tuner_pause_skips_time_outside_steps():
     assert len(loop.tuner.trials) == 1 and loop.tuner.choice == 2
 
 
-def test_passive_wait_is_set_before_torch_loads_only():
-    code = ("import os, sys; from pmf_fast.threads import prefer_passive_wait; "
-            "before = prefer_passive_wait(); import torch; from pmf_fast.threads import ThreadTuner; "
-            "print(before, os.environ['OMP_WAIT_POLICY'], ThreadTuner.for_device('cpu') is None)")
-    late = ("import os, torch; from pmf_fast.threads import prefer_passive_wait, ThreadTuner; "
-            "print(prefer_passive_wait(), 'OMP_WAIT_POLICY' in os.environ, ThreadTuner.for_device('cpu') is None, "
-            "ThreadTuner.for_device('meta') is None)")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    env["PYTHONPATH"] = ROOT
-    out = [subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, env=env, timeout=120)
-           for c in (code, late)]
-    assert out[0].stdout.split() == ["True", "PASSIVE", "True"], out[0].stderr[-2000:]
-    # torch already loaded: the policy cannot change, so the tuner is the remedy (2+ cores), never on a GPU
-    tuned = "True" if (os.cpu_count() or 1) < 2 else "False"
-    assert out[1].stdout.split() == ["False", "False", tuned, "True"], out[1].stderr[-2000:]
+def test_for_device_only_on_a_cpu_without_an_explicit_count(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    assert ThreadTuner.for_device("meta") is None and ThreadTuner.for_device(torch.device("cuda", 0)) is None
+    tuner = ThreadTuner.for_device("cpu", log=print)
+    assert tuner.candidates == [1, 2] and torch.get_num_threads() == 1         # its trial starts at one thread
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")                                 # the user's choice is kept
+    assert ThreadTuner.for_device("cpu") is None
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    assert ThreadTuner.for_device("cpu") is None                                # one thread: nothing to choose
