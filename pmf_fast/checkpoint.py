@@ -4,8 +4,9 @@ A checkpoint is one torch file `ckpt_<step>.pt` holding the model, optimizers, E
 state (step, RNG states, data positions) and the resolved config. A sharded run (train.parallel=fsdp)
 writes a directory `ckpt_<step>.dcp/` instead through torch.distributed.checkpoint (each rank its
 shards; resumable on another world size, DCP reshards) with `meta.pt` (config and training state)
-beside the shards; it is written as `ckpt_<step>.dcp.tmp/` and renamed when complete. It is written with pmf_fast.atomic (a temporary file
-in the same directory, fsynced, renamed over the final name), so a crash mid-write leaves the
+beside the shards; it is written as `ckpt_<step>.dcp.tmp/` and renamed when complete. A .pt file is
+written with pmf_fast.atomic (a temporary file in the same directory, fsynced, renamed over the
+final name), so a crash mid-write leaves the
 previous checkpoints intact; the `keep` newest are kept. A kill leaves at most a temporary file,
 which `remove_stale_temporaries` deletes at the next start.
 

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from pmf_fast.atomic import atomic_write, clean_temporaries
-from pmf_fast.checkpoint import (CheckpointError, all_finite, list_checkpoints, load_checkpoint, load_latest,
-                                 remove_stale_temporaries, save_checkpoint)
+from pmf_fast.checkpoint import (
+    CheckpointError,
+    all_finite,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 
 
 def state(seed):

@@ -278,8 +278,9 @@ def test_time_budget_on_two_ranks_stops_together(tmp_path, runs, rep):
     repetitions run with a noisy neighbour (Jitter) that pulls the ranks' clocks apart."""
     budget = 3
     jittered = rep % 3 != 0
-    cmd = torchrun(tmp_path / "tlog") + train_cmd(tmp_path, "budget", f"train.time_budget_s={budget}",
-                                                  "train.steps=100000", f"train.stop_check_every={1 if jittered else 2}")
+    overrides = [f"train.time_budget_s={budget}", "train.steps=100000",
+                 f"train.stop_check_every={1 if jittered else 2}"]
+    cmd = torchrun(tmp_path / "tlog") + train_cmd(tmp_path, "budget", *overrides)
     r = runs(cmd, f"budget{rep}")
     jitter = Jitter(r, rng("budget", rep)) if jittered else None
     try:
@@ -305,7 +306,7 @@ def test_time_budget_on_two_ranks_stops_together(tmp_path, runs, rep):
         assert "Traceback" not in text, f"rank {rank}:\n{text[-3000:]}"
 
 
-# ----------------------------------------------------------------------------- 2. SIGTERM, 2 ranks, then the same command
+# ------------------------------------------------------------------------- 2. SIGTERM, 2 ranks, then the same command
 SIGTERM_REPEAT = math.ceil(REPEAT / 3)
 
 
@@ -365,7 +366,7 @@ def test_sigterm_then_same_command_equals_uninterrupted_run(tmp_path, runs, refe
                         f"SIGTERM to {target} at step {stop['step']}, then the same command")
 
 
-# ----------------------------------------------------------------------------- 3. kill -9 of one rank, torchrun restarts
+# --------------------------------------------------------------------------- 3. kill -9 of one rank, torchrun restarts
 def test_kill9_of_one_rank_under_max_restarts_resumes_identically(tmp_path, runs, reference):
     """kill -9 of one worker: torchrun stops the other, starts both again (attempt 1) with the same
     command; they resume from the newest checkpoint and end equal to the uninterrupted run (whose
