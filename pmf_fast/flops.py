@@ -14,7 +14,6 @@ on the prediction (1x its forward: no weight gradients). At pMF-B/16 with both t
 ~185 GFLOP beside the model's ~504 (bench_train_step reports MFU with and without them).
 """
 from dataclasses import dataclass
-from math import prod
 
 from .config import ModelConfig
 from .layers import mlp_hidden

@@ -28,8 +28,8 @@ def test_analytic_step_flops_match_flop_counter(preset, batch):
 
 
 # ConvNeXt-V2-B's meta forward+backward takes 5 s on 2 cores: it runs once, with both terms
-@pytest.mark.parametrize("lpips, convnext, image_size, channels", [(True, "convnextv2_base", 256, 3), (True, None, 64, 1),
-                                                                   (False, "convnextv2_atto", 48, 3)])
+@pytest.mark.parametrize("lpips, convnext, image_size, channels",
+                         [(True, "convnextv2_base", 256, 3), (True, None, 64, 1), (False, "convnextv2_atto", 48, 3)])
 def test_perceptual_flops_match_flop_counter(lpips, convnext, image_size, channels):
     """The analytic perceptual count against torch.utils.flop_counter on the real networks (LPIPS'
     VGG16 trunk and timm's convnextv2_base, random weights, on the meta device: shapes only), run as

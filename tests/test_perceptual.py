@@ -51,7 +51,7 @@ def test_official_crop_sizes_follow_the_official_formula(h, w):
     assert (top >= 0).all() and (left >= 0).all() and (top + ch <= h).all() and (left + cw <= w).all()
     assert (ch >= 1).all() and (cw >= 1).all()
     ks = 2.0 / math.sqrt(n)                          # Kolmogorov-Smirnov, p ~ 5e-4
-    for side, other, got in ((w, h, cw), (h, w, ch)):
+    for side, got in ((w, cw), (h, ch)):
         # cw = min(w, round(sqrt(s a h w))): P(cw <= k) = P(s a < (k + 1/2)^2 / (h w)) for k < w
         cdf = np.array([1 - p_product_at_least((k + 0.5) ** 2 / (h * w)) for k in range(1, side)])
         emp = np.array([(got <= k).mean() for k in range(1, side)])
@@ -97,7 +97,7 @@ def test_crop_mode_is_checked_and_reaches_the_loss():
         g = torch.Generator().manual_seed(3)
         wins = [P.crop_params(20, 20, g, mode=mode) for _ in range(6)]
         ca, _ = P.paired_random_resized_crop(x, x, seed=3, size=20, mode=mode)
-        for i, (t, l, h, w) in enumerate(wins):
+        for i, (_, _, h, w) in enumerate(wins):
             if (h, w) == (20, 20):
                 assert torch.allclose(ca[i], x[i], atol=1e-4)
 
