@@ -189,3 +189,56 @@ def load_latest(run_dir, log=print, map_location="cpu"):
         return state, path
     raise CheckpointError(f"no readable checkpoint in {run_dir!r}: {', '.join(bad)} are all truncated or "
                           "corrupt (left untouched)")
+
+
+# ---------------------------------------------------------------------------- a training run's checkpoints
+class Checkpointer:
+    """Saving and resuming what a training run holds: the model, the optimizers (muon.Optimizers),
+    the EMAs and the training state (run.TrainState), with the config. A .pt file from rank 0, or a
+    DCP directory from every rank under FSDP2 (train.parallel=fsdp). Every rank calls save()."""
+
+    def __init__(self, run_dir, cfg, model, optimizers, emas, state, device, log):
+        self.run_dir, self.cfg, self.model, self.optimizers = run_dir, cfg, model, optimizers
+        self.emas, self.state, self.device, self.log = emas, state, device, log
+        self.sharded = cfg.train.parallel == "fsdp"
+
+    def _shards(self):
+        """What torch.distributed.checkpoint saves and loads (in place)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        msd, osd = get_state_dict(self.model, self.optimizers.optimizers)
+        return {"model": msd, "optimizers": osd, "emas": self.emas.state_dict()}
+
+    def load(self, path, meta, finished=False):
+        """Every stateful piece takes its own state from checkpoint `path` (meta: its load_checkpoint)."""
+        if self.sharded != is_sharded(path):
+            from .config import ConfigError
+            written = "fsdp" if is_sharded(path) else "ddp"
+            raise ConfigError(f"{path} was written with train.parallel={written}; resume with the same "
+                              "train.parallel")
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+            saved = self._shards()
+            load_sharded(path, saved)
+            set_state_dict(self.model, self.optimizers.optimizers, model_state_dict=saved["model"],
+                           optim_state_dict=saved["optimizers"])
+        else:
+            self.model.load_state_dict(meta["model"])
+            self.optimizers.load_state_dict(meta["optimizers"])
+            self.emas.load_state_dict(meta["emas"])
+        self.state.load_state_dict(meta["train"], self.log, finished=finished)
+
+    def save(self):
+        """A checkpoint at the current step; non-finite weights are never written (all ranks agree first)."""
+        from .dist import agree_max
+        step = self.state.step
+        if agree_max([not all_finite([p.detach() for p in self.model.parameters()])], self.device)[0]:
+            self.log(f"step {step}: the weights are not finite; no checkpoint written")
+            return
+        train_state = self.state.state_dict()                  # a collective: every rank's streams
+        if self.sharded:
+            save_sharded(self.run_dir, step, self._shards(), {"config": self.cfg.to_dict(), "train": train_state})
+        elif not dist.is_initialized() or dist.get_rank() == 0:
+            save_checkpoint(self.run_dir, step, {
+                "model": self.model.state_dict(), "optimizers": self.optimizers.state_dict(),
+                "emas": self.emas.state_dict(), "train": train_state, "config": self.cfg.to_dict()})
+        _barrier()

@@ -79,6 +79,19 @@ def compile_blocks(model, backend="inductor"):
         block.compile(backend=backend, fullgraph=True, dynamic=False)
 
 
+def step_settings(tc, device):
+    """(impl, bf16, compiled) of train.impl / precision / compile on this device: fast, bf16 autocast and
+    per-block compile on CUDA; eager and fp32 on a CPU. TF32 matmuls on CUDA (bf16 autocast leaves
+    fp32 matmuls, e.g. the optimizers', to it)."""
+    impl = tc.impl if tc.impl != "auto" else ("fast" if device.type == "cuda" else "eager")
+    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+    compiled = tc.compile == "blocks" or (tc.compile == "auto" and impl == "fast")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return impl, bf16, compiled
+
+
 def cxx_compiler():
     """The C++ compiler inductor builds CPU kernels with ($CXX, else g++; clang++ on macOS), or None."""
     return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"))

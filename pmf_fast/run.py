@@ -14,15 +14,16 @@ import math
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 
 import torch
 
 from .atomic import atomic_write, clean_temporaries
-from .checkpoint import CheckpointError, list_checkpoints, load_latest
+from .checkpoint import CheckpointError, list_checkpoints, load_latest, remove_stale_temporaries
 from .config import Config, ConfigError, get_config, set_field, validate
-from .dist import all_gather_objects
+from .dist import agree_max, all_gather_objects, all_reduce_mean
 
 # fields that steer a run but not what it learns: they may differ when a run is continued
 RUN_CONTROL = {f"train.{k}" for k in ("steps", "epochs", "time_budget_s", "log_every", "sample_every", "ckpt_every",
@@ -228,6 +229,37 @@ def run_dir_of(preset, name, resume, overrides):
     return os.path.join(cfg.train.out_dir, name or cfg.preset.replace("/", "-"))
 
 
+class Run:
+    """A command's run, found, checked and claimed: its config, directory, the checkpoint it resumes
+    from (meta, ckpt_path: None for a fresh run), its stage ("train", "end" or "done", run_stage) and
+    rank 0's lock on the directory. Every rank opens it (collectives: a refusal stops all ranks)."""
+
+    def __init__(self, preset, name, resume, overrides, rank, log):
+        self.lock = claim_run_dir(run_dir_of(preset, name, resume, overrides), rank == 0)
+        try:
+            self.cfg, self.dir, self.meta, self.ckpt_path, self.stage = find_run(preset, name, resume, overrides, log)
+        except BaseException:
+            self.close()
+            raise
+
+    def say_done(self, is_main):
+        if is_main:
+            print(f"{self.dir} already finished at step {self.meta['train']['step']}: nothing to do (raise "
+                  "train.steps or train.time_budget_s with --resume to train longer, or pass --name for a new run)")
+
+    def make_dir(self, is_main):
+        """Rank 0 makes the directory and removes the temporary files of a killed run's writes."""
+        if is_main:
+            os.makedirs(self.dir, exist_ok=True)
+            for path in remove_stale_temporaries(self.dir):
+                print(f"removed {path}, left by a killed run", flush=True)
+
+    def close(self):
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
 def run_stage(meta, cfg, run_dir):
     """"train" (fresh, or steps left), "end" (training finished, its end stage did not: final
     samples, metrics.json) or "done"."""
@@ -400,6 +432,81 @@ class StopSignals:
             signal.signal(sig, old)
 
 
+class Stopper:
+    """Every decision to stop, agreed by all ranks: SIGTERM / SIGINT, the time budget and a non-finite
+    loss. With train.nonfinite=stop a non-finite loss is noted on the device (no sync) and found at the
+    next check; with skip, all ranks agree every step whether to drop the update. Checks run every
+    train.stop_check_every steps and on log and checkpoint steps: one small all-reduce each, the only
+    host-device sync of a step."""
+
+    def __init__(self, tc, state, device, log):
+        self.tc, self.state, self.device, self.log = tc, state, device, log
+        self.signals = StopSignals()
+        self.t_start = time.time() - state.elapsed          # elapsed training time survives a resume
+        self.bad = torch.zeros((), device=device)
+        self.skipped, self.reason, self.progress = 0, None, 0.0
+
+    def skip(self, loss):
+        """Whether this step's update is dropped (train.nonfinite=skip, agreed by all ranks)."""
+        if self.tc.nonfinite != "skip":
+            self.bad = torch.maximum(self.bad, (~torch.isfinite(loss)).float())
+            return False
+        if not agree_max([~torch.isfinite(loss)], self.device)[0]:
+            self.skipped = 0
+            return False
+        self.skipped += 1
+        self.log(f"step {self.state.step + 1}: non-finite loss, update skipped ({self.skipped} in a row)")
+        if self.skipped >= self.tc.max_nonfinite:
+            self.reason = f"{self.skipped} non-finite losses in a row"
+        return True
+
+    def check(self, force=False):
+        """The agreed check at this step (when due, or forced); sets self.reason to stop."""
+        if not (force or self.state.step % self.tc.stop_check_every == 0):
+            return
+        budget = self.tc.time_budget_s
+        self.state.elapsed = time.time() - self.t_start
+        nonfinite, self.state.elapsed, signal_seen = agree_max(
+            [self.bad, self.state.elapsed, self.signals.received is not None], self.device)
+        self.progress = self.state.elapsed / budget if budget else 0.0
+        if nonfinite:
+            self.reason = "non-finite loss"
+        elif signal_seen:
+            self.reason = f"{self.signals.received or 'a signal'} received"
+        elif budget and self.state.elapsed >= budget:
+            self.reason = f"time budget of {budget:.0f} s reached"
+
+    @property
+    def nonfinite(self):
+        return self.reason is not None and "non-finite" in self.reason
+
+    @property
+    def budget_spent(self):
+        return (self.reason or "").startswith("time budget")
+
+    def close(self):
+        self.signals.restore()
+
+
+class Meter:
+    """Loss terms summed between log steps, averaged over ranks at the log step with the rate."""
+
+    def __init__(self, batch_size):
+        self.batch_size, self.sums, self.n, self.t = batch_size, {}, 0, time.time()
+
+    def add(self, terms):
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+
+    def row(self, **extra):
+        """The log row since the last one (a collective: every rank calls it), and a fresh start."""
+        terms = {k: round(all_reduce_mean(v).item() / self.n, 5) for k, v in self.sums.items()}
+        rate = self.n * self.batch_size / (time.time() - self.t)
+        self.sums, self.n, self.t = {}, 0, time.time()
+        return {**terms, **extra, "img_per_s": round(rate, 1)}
+
+
 # ----------------------------------------------------------------------------- learning rate
 def lr_factor(optim, step, progress):
     """Multiplier of optim.lr: linear warm-up over optim.warmup_steps, then constant ("none") or a
@@ -413,6 +520,14 @@ def lr_factor(optim, step, progress):
 
 
 # ----------------------------------------------------------------------------- log
+def progress_bar(steps, is_main):
+    """A tqdm bar on rank 0's terminal (None when stderr is not one: logs stay plain lines)."""
+    if not (is_main and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=steps, dynamic_ncols=True)
+
+
 class Log:
     """Rank 0's record of a run: lines on stdout (or above the progress bar), log.jsonl, and
     TensorBoard under runs/<run>/tb when it is installed and train.tensorboard is on."""
@@ -429,6 +544,11 @@ class Log:
     def __call__(self, msg):
         if self.enabled:
             (self.bar.write(msg) if self.bar is not None else print(msg, flush=True))
+
+    def advance(self, steps):
+        """Move the progress bar on by `steps`."""
+        if self.bar is not None:
+            self.bar.update(steps)
 
     def row(self, step, values):
         """One log.jsonl line {"step": step, **values}, echoed; TensorBoard scalars for each number."""

@@ -13,6 +13,7 @@ from . import dist
 from .atomic import atomic_write
 from .checkpoint import load_checkpoint
 from .config import Config, get_config
+from .ema import full
 from .eval import extract, fid, stats
 from .meanflow import generate, to_uint8
 from .model import PMFDiT, load_official_state_dict
@@ -174,3 +175,65 @@ def judge_digits(model, cfg, device, seed=1):
     judge, y_te = digits_judge(cfg.model.image_size)
     samples = sample_images(model, cfg, y_te.to(device), seed * 1_000_000 + torch.arange(len(y_te)))
     return judge.score(samples.cpu().numpy(), y_te.numpy())
+
+
+class TrainSampling:
+    """What a training run samples: a class grid every train.sample_every steps and at the end, FID
+    every train.eval_every steps (when the Inception weights and the reference exist), and the digits
+    judge at the end of a digits run. Every rank calls each method (gathering FSDP2's shards is a
+    collective); rank 0 writes."""
+
+    def __init__(self, cfg: Config, model, emas, run_dir, num_classes, device, rank, world, log):
+        self.cfg, self.model, self.emas, self.run_dir = cfg, model, emas, run_dir
+        self.num_classes, self.device, self.rank, self.world, self.log = num_classes, device, rank, world, log
+        self.fid_setup = None
+        if cfg.train.eval_every:
+            from .eval import InceptionExtractor, reference
+            try:
+                extractor = InceptionExtractor(device)
+                self.fid_setup = (extractor, reference(cfg.train.fid_ref, extractor, cfg.model.image_size)[0])
+            except (FileNotFoundError, ValueError) as e:
+                log(f"periodic FID skipped: {e}")
+
+    def sampling_model(self):
+        """An unsharded copy holding the chosen EMA (or the raw weights); collective under FSDP2."""
+        key = pick_ema(self.emas, self.cfg.sample.ema)
+        weights = (self.emas.full_state(key) if key else
+                   {n: full(p.detach()) for n, p in self.model.named_parameters()})
+        net = PMFDiT(self.cfg.model, t_eps=self.cfg.objective.t_eps).to(self.device)
+        net.load_state_dict(weights)
+        return net.eval()
+
+    def grid(self, step):
+        """The class grid as runs/<run>/samples_<step>.png; its path on rank 0, None elsewhere."""
+        net, s = self.sampling_model(), self.cfg.sample
+        if self.rank != 0:
+            return None
+        path = f"{self.run_dir}/samples_{step:08d}.png"
+        imgs, y = class_grid(net, self.cfg, min(s.grid_classes, self.num_classes), self.device)
+        save_grid(imgs, path, nrow=s.grid_per_class, labels=row_labels(y, s.grid_per_class))
+        self.log.image(step, "samples", path)
+        return path
+
+    def periodic(self, step):
+        tc = self.cfg.train
+        if tc.sample_every and step % tc.sample_every == 0:
+            self.grid(step)
+        if self.fid_setup is not None and step % tc.eval_every == 0:
+            n = tc.eval_samples
+            value = fid_of_model(self.sampling_model(), self.cfg, n, *self.fid_setup, self.device, self.rank,
+                                 self.world)
+            self.log.row(step, {f"fid_{n // 1000}k" if n % 1000 == 0 else f"fid_{n}": value})
+
+    def final(self, step, train_seconds):
+        """The last grid and, on digits, the judge's metrics (metrics.json)."""
+        self.log(f"samples: {self.grid(step)}")
+        if self.cfg.train.data != "digits":
+            return
+        net = self.sampling_model()
+        if self.rank == 0:
+            metrics = judge_digits(net, self.cfg, self.device)
+            metrics.update(steps=step, train_seconds=round(train_seconds, 1))
+            self.log.write_json("metrics.json", metrics)
+            self.log.scalars(step, {f"judge/{k}": v for k, v in metrics.items()})
+            self.log("judge: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

@@ -2,7 +2,6 @@
 same optimizer steps as one process over the same global batch, Muon's Newton-Schulz shared out
 over ranks gives the single-rank update, and train.py runs and resumes under torchrun."""
 import contextlib
-import copy
 import dataclasses
 import faulthandler
 import json
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 
 from pmf_fast.config import get_config
 from pmf_fast.dist import cleanup, parallelize
+from pmf_fast.ema import full
 from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
 from pmf_fast.muon import Muon, assign_owners, build_optimizers, ns_cost
@@ -27,6 +27,11 @@ B, STEPS = 12, 2                              # global batch (divisible by 2 and
 
 
 @contextlib.contextmanager
+
+def whole_params(model):
+    """{name: a copy of the whole parameter} (FSDP2's shards gathered: a collective)."""
+    return {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+
 def gloo_group(rank, world, init_file):
     """A spawned worker's process group, torn down as train.py does (all ranks arrive, then close);
     faulthandler names the Python line should gloo abort the process."""
@@ -67,12 +72,10 @@ def train_steps(rank, world, parallel, dtype=torch.float32, checkpointing="none"
     for d in draws:
         loss, _ = pmf_loss(step_model, x[sl], y[sl], part(d, sl), cfg.objective, cfg.model.num_classes)
         loss.backward()
-        for o in opts:
-            o.step()
-            o.zero_grad(set_to_none=True)
+        opts.step()
+        opts.zero_grad()
         losses.append(loss.detach())
-    full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
-    return full, torch.stack(losses)
+    return whole_params(model), torch.stack(losses)
 
 
 def _worker(rank, world, init_file, out_dir, parallel, shard_size):
@@ -187,16 +190,14 @@ def _skip_worker(rank, world, init_file, out_dir, parallel):
         step_model = parallelize(model, "eager", parallel, "none", 0, torch.device("cpu"))
         opts = build_optimizers(model, cfg.optim)
         sl = slice(rank * B // world, (rank + 1) * B // world)
-        before = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+        before = whole_params(model)
         loss, _ = pmf_loss(step_model, x[sl], y[sl], part(draws[0], sl), cfg.objective, cfg.model.num_classes)
         (loss * float("nan")).mul(0).backward()                       # what train.py does on a skipped step
-        for o in opts:
-            o.zero_grad(set_to_none=True)
+        opts.zero_grad()
         loss, _ = pmf_loss(step_model, x[sl], y[sl], part(draws[1], sl), cfg.objective, cfg.model.num_classes)
         loss.backward()
-        for o in opts:
-            o.step()
-        after = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in model.named_parameters()}
+        opts.step()
+        after = whole_params(model)
         if rank == 0:
             torch.save({"before": before, "after": after}, os.path.join(out_dir, "skip.pt"))
 

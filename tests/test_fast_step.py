@@ -45,7 +45,8 @@ def test_fast_matches_reference_u_and_tangent():
     fast = copy.deepcopy(model).set_impl("fast")
     z, v_c = (1 - d.t.view(-1, 1, 1, 1)) * x + d.t.view(-1, 1, 1, 1) * d.e, torch.randn_like(x)
     args = (v_c, d.t, d.r, d.omega, d.t_min, d.t_max, y)
-    u64, du64, v64 = JVP["reference"](copy.deepcopy(model).double(), z.double(), *[a.double() if a.is_floating_point() else a for a in args])
+    args64 = [a.double() if a.is_floating_point() else a for a in args]
+    u64, du64, v64 = JVP["reference"](copy.deepcopy(model).double(), z.double(), *args64)
     u32, du32, v32 = JVP["reference"](model, z, *args)
     uf, duf, vf = JVP["fast"](fast, z, *args)
     assert_close_by_rule(uf, u64, u32, "u")
@@ -89,8 +90,7 @@ def test_a_few_optimizer_steps_stay_together():
         for _ in range(3):
             d = sample_draws(x, cfg.objective, gen)
             step(m, x, y, d, cfg, impl)
-            for o in opts:
-                o.step()
+            opts.step()
         runs[impl] = dict(m.named_parameters())
     moved = max((runs["reference"][n] - model.state_dict()[n]).abs().max().item() for n in runs["reference"])
     gap = max((runs["reference"][n] - runs["fast"][n]).abs().max().item() for n in runs["reference"])
@@ -125,9 +125,8 @@ def test_a_training_step_does_not_sync_the_host():
             loss, _ = pmf_loss(step_model, x, y, sample_draws(x, cfg.objective, gen, cpu_gen), cfg.objective,
                                cfg.model.num_classes, None, "fast")
         loss.backward()
-        for o in opts:
-            o.step()
-            o.zero_grad(set_to_none=True)
+        opts.step()
+        opts.zero_grad()
         emas.update(model, step)
     one(1)                                       # compile and first-step allocations outside the check
     torch.cuda.synchronize()

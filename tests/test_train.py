@@ -126,17 +126,17 @@ def test_a_run_killed_before_its_end_stage_completes_it(tmp_path, monkeypatch, c
     """Killed after its last checkpoint, before the final samples and metrics.json: the same
     command completes the end stage (it said "already finished" and never wrote them); then the
     run is complete and left alone."""
-    real = train.class_grid
+    import pmf_fast.sampling as S
 
     def killed(*a, **k):
         raise KeyboardInterrupt("killed before the end stage")
-    monkeypatch.setattr(train, "class_grid", killed)
+    monkeypatch.setattr(S, "class_grid", killed)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "end", "train.steps=2", "train.log_every=1")
     d = tmp_path / "end"
     assert [s for s, _ in list_checkpoints(d)] == [2] and not (d / "metrics.json").exists()
     assert not (d / "run.lock").exists()                                   # released on the way out
-    monkeypatch.setattr(train, "class_grid", real)
+    monkeypatch.undo()
     capsys.readouterr()
     run(tmp_path, "end", "train.steps=2", "train.log_every=1")
     out = capsys.readouterr().out
