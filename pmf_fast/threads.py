@@ -16,7 +16,8 @@ an explicit OMP_NUM_THREADS, or on one core), and `if tuner: tuner.step()` after
 A trial runs a few steps at each count, one thread first (no barrier: never far off), and keeps the
 fastest median; a count whose step is already `slowdown` x slower than the best is dropped after that
 one step, so a trial costs about one slow step. Trials repeat as the load changes: at once when the
-chosen count's steps slow down by `slowdown` x (median of the last three), else after what the last
+chosen count's steps slow down by `slowdown` x (median of the last three) or one step by `collapse` x,
+else after what the last
 trial cost / `trial_cost` seconds (at least `min_interval_s`): trials take at most ~2% of the time.
 """
 import os
@@ -33,6 +34,8 @@ class TunerConfig:
     slowdown: float = 1.5           # a step this x the best median: drop the candidate / re-check now
     trial_cost: float = 0.02        # trials may take this fraction of the time: sets the re-check interval
     min_interval_s: float = 30.0    # seconds between trials at least
+    collapse: float = 3.0           # one step this x the chosen median re-checks at once (a busy neighbour
+                                    # made 2-thread steps 6-15x slower; three of them cost ~30 s)
 
 
 class ThreadTuner:
@@ -73,7 +76,8 @@ class ThreadTuner:
         dt = now - last
         if not self._queue:                                # between trials
             self._recent = (self._recent + [dt])[-3:]
-            if len(self._recent) == 3 and statistics.median(self._recent) > self.cfg.slowdown * self.chosen_s:
+            if dt > self.cfg.collapse * self.chosen_s or (
+                    len(self._recent) == 3 and statistics.median(self._recent) > self.cfg.slowdown * self.chosen_s):
                 self._start_trial("slower steps")
             elif now - self._trial_end >= self.interval:
                 self._start_trial("interval")
