@@ -123,7 +123,6 @@ def single():
 def test_two_nodes_equal_one_process(tmp_path, nodes, single):
     """DDP and HSDP over 2 nodes x 2 processes: the losses and every parameter after the steps
     equal one process over the same global batch (the 2x rule). One launch runs both."""
-    from tests.conftest import assert_close_by_rule
     out, port = tmp_path / "out.pt", free_port()
     script = [os.path.abspath(__file__), "--worker", str(out)]
     for r in nodes("node", [agent(2, 2, port, tmp_path / f"log{i}", *script) for i in range(2)], port):
@@ -131,12 +130,18 @@ def test_two_nodes_equal_one_process(tmp_path, nodes, single):
         assert rc == 0, r.describe()
     got = torch.load(out)
     assert got["world"] == 4
+    assert_equal_to_one_process(got, single, "2 nodes x 2")
+
+
+def assert_equal_to_one_process(got, single, label):
+    """The ddp and fsdp runs' losses and parameters against one process (fp64 / fp32), the 2x rule."""
+    from tests.conftest import assert_close_by_rule
     (p64, l64), (p32, l32) = single
     for parallel in ("ddp", "fsdp"):
         params, losses = got[parallel]
         assert_close_by_rule(losses, l64, l32, f"{parallel} losses")
         for n in p64:
-            assert_close_by_rule(params[n], p64[n], p32[n], f"{parallel} 2 nodes x 2 {n}", relative_atol=True)
+            assert_close_by_rule(params[n], p64[n], p32[n], f"{parallel} {label} {n}", relative_atol=True)
 
 
 # ----------------------------------------------------------------------------- 1b. two hosts on a veth pair
@@ -173,7 +178,6 @@ def test_two_hosts_on_a_veth_pair(tmp_path, nodes, single, two_hosts):
     """The two nodes as two hosts (own network namespace, address and host name), gloo bound to the
     veth interface by GLOO_SOCKET_IFNAME, the rendezvous at the first host's address: DDP and HSDP
     over 2 hosts x 1 process equal one process."""
-    from tests.conftest import assert_close_by_rule
     out, port = tmp_path / "out.pt", free_port()
     script = [os.path.abspath(__file__), "--worker", str(out)]
     hosts_file = tmp_path / "hosts"                          # each host's /etc/hosts (a private mount)
@@ -189,12 +193,7 @@ def test_two_hosts_on_a_veth_pair(tmp_path, nodes, single, two_hosts):
         assert rc == 0, r.describe()
     got = torch.load(out)
     assert got["world"] == 2 and sorted(got["hosts"]) == ["host0", "host1"], got   # two host names
-    (p64, l64), (p32, l32) = single
-    for parallel in ("ddp", "fsdp"):
-        params, losses = got[parallel]
-        assert_close_by_rule(losses, l64, l32, f"{parallel} losses")
-        for n in p64:
-            assert_close_by_rule(params[n], p64[n], p32[n], f"{parallel} 2 hosts {n}", relative_atol=True)
+    assert_equal_to_one_process(got, single, "2 hosts")
 
 
 # ----------------------------------------------------------------------------- 2. a node lost
