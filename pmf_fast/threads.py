@@ -16,8 +16,8 @@ an explicit OMP_NUM_THREADS, or on one core), and `if tuner: tuner.step()` after
 A trial runs a few steps at each count, one thread first (no barrier: never far off), and keeps the
 fastest median; a count whose step is already `slowdown` x slower than the best is dropped after that
 one step, so a trial costs about one slow step. Trials repeat as the load changes: at once when the
-chosen count's steps slow down by `slowdown` x (median of the last three) or one step by `collapse` x,
-else after what the last
+chosen count (if above one) slows down by `slowdown` x (median of the last three steps) or one step
+by `collapse` x, else after what the last
 trial cost / `trial_cost` seconds (at least `min_interval_s`): trials take at most ~2% of the time.
 """
 import os
@@ -76,8 +76,10 @@ class ThreadTuner:
         dt = now - last
         if not self._queue:                                # between trials
             self._recent = (self._recent + [dt])[-3:]
-            if dt > self.cfg.collapse * self.chosen_s or (
-                    len(self._recent) == 3 and statistics.median(self._recent) > self.cfg.slowdown * self.chosen_s):
+            # only several threads can collapse at a barrier; one thread slowing down is the machine's load
+            slow = dt > self.cfg.collapse * self.chosen_s or (
+                len(self._recent) == 3 and statistics.median(self._recent) > self.cfg.slowdown * self.chosen_s)
+            if self.choice > 1 and slow:
                 self._start_trial("slower steps")
             elif now - self._trial_end >= self.interval:
                 self._start_trial("interval")

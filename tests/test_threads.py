@@ -59,6 +59,13 @@ def test_tuner_rechecks_when_steps_slow_down_gradually():
     assert loop.tuner.choice == 2 and loop.tuner.trials[-1][1] == {1: 1.0, 2: 0.875}
 
 
+def test_one_thread_slowing_down_waits_for_the_interval():
+    loop = Loop()
+    loop.run(6, {1: 0.5, 2: 1.0})                      # one thread chosen
+    seen = loop.run(12, {1: 2.0, 2: 8.0})              # 4x slower for 24 s: the load, not a barrier
+    assert seen.count(2) == 0 and len(loop.tuner.trials) == 1
+
+
 def test_tuner_pause_skips_time_outside_steps():
     loop = Loop()
     loop.run(6, {1: 1.0, 2: 0.5})
