@@ -4,11 +4,12 @@ On a 2-core machine torch's default (one OpenMP thread per core) collapses when 
 a core busy: after every parallel region the threads meet at a barrier, and the one that arrives first
 spins on a core the other needs (`python train.py`: 46 steps in 570 s beside a one-core busy loop,
 640-872 idle). One thread has no barrier. torch.set_num_threads works at run time; OpenMP's wait policy
-does not (it is read when torch loads OpenMP). bench/bench_cpu_threads.py, three runs on 2 shared
-cores (bench/README.md): beside a busy loop one thread made 4.1-5.4x today's rate and the tuner
-(choosing one thread) 3.8-5.9x; on the quietest run one thread was 0.96x today idle, so the tuner
-keeps n threads when they are faster. OMP_WAIT_POLICY=PASSIVE also helped under load (4.2-10.7x) but
-was 0.79x today on the quiet run, and it must be set before `import torch`: not the default here.
+does not (it is read when torch loads OpenMP). bench/bench_cpu_threads.py, five runs on 2 shared
+cores (bench/README.md): beside a busy loop today's setting made 0.15-0.38x its idle rate, one thread
+0.62-1.5x today's idle rate, and the tuner chose one thread there in every trial (2-thread steps
+5.6-9.6 s against 0.9-1.7 s); on a quiet moment its trial found 2 threads faster (658 against 921 ms),
+which it then keeps. OMP_WAIT_POLICY=PASSIVE also helped under load but ranged from 0.79x to 1.8x
+today idle, and must be set before `import torch`: not used here.
 
 Wiring (train.py): `tuner = ThreadTuner.for_device(device, log)` before the loop (None on GPUs, with
 an explicit OMP_NUM_THREADS, or on one core), and `if tuner: tuner.step()` after each optimizer step.
