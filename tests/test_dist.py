@@ -26,12 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, STEPS = 12, 2                              # global batch (divisible by 2 and 3 ranks), optimizer steps
 
 
-@contextlib.contextmanager
-
 def whole_params(model):
     """{name: a copy of the whole parameter} (FSDP2's shards gathered: a collective)."""
     return {n: full(p.detach()).clone() for n, p in model.named_parameters()}
 
+
+@contextlib.contextmanager
 def gloo_group(rank, world, init_file):
     """A spawned worker's process group, torn down as train.py does (all ranks arrive, then close);
     faulthandler names the Python line should gloo abort the process."""
