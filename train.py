@@ -29,6 +29,7 @@ from pmf_fast.model import PMFDiT
 from pmf_fast.muon import build_optimizers
 from pmf_fast.run import END, Log, Meter, Run, RunBusy, Stopper, TrainState, lr_factor, progress_bar
 from pmf_fast.sampling import TrainSampling
+from pmf_fast.threads import cpu_threads
 
 
 def parse_args(argv):
@@ -47,7 +48,7 @@ def parse_args(argv):
 def main(argv=None):
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     rank, world, _, device = dist.setup()
-    is_main = rank == 0
+    is_main, threads = rank == 0, torch.get_num_threads()     # restored at the end (the tuner changes it)
 
     # ------------------------------------------------------------ the run, found, checked and claimed before any write
     run = Run(args.preset, args.name, args.resume, overrides, rank, print if is_main else (lambda s: None))
@@ -99,6 +100,7 @@ def main(argv=None):
 
         # ------------------------------------------------------------ training loop
         stopper, meter = Stopper(tc, state, device, log), Meter(tc.batch_size)
+        tuner = cpu_threads(tc.cpu_threads, device, log)
         params = [p for p in model.parameters() if p.requires_grad]
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         while state.step < steps and not state.finished:
@@ -125,6 +127,8 @@ def main(argv=None):
             emas.update(model, state.step)
             meter.add(terms)
             log.advance(1)
+            if tuner:
+                tuner.step()
 
             # -------------------------------------------------------- agreed stop check, log, samples, checkpoints
             stopper.check(force=log_step or ckpt_step)
@@ -139,6 +143,8 @@ def main(argv=None):
                 checkpointer.save()
             if stopper.reason:
                 break
+            if tuner and (log_step or ckpt_step or sampling.due(state.step)):
+                tuner.pause()                        # that step's time was not all training
         stopper.close()
 
         end_of_run(stopper, state, sampling, log)
@@ -147,6 +153,7 @@ def main(argv=None):
         return run.dir
     finally:
         run.close()
+        torch.set_num_threads(threads)
 
 
 def end_of_run(stopper, state, sampling, log):

@@ -99,6 +99,7 @@ class TrainConfig:
     nonfinite: Literal["stop", "skip"] = "stop"  # on a non-finite loss: stop (last checkpoint kept) or skip the step
     max_nonfinite: int = 10        # "skip": stop after this many non-finite steps in a row
     stop_check_every: int = 10     # steps between stop checks agreed by all ranks (one small all-reduce each)
+    cpu_threads: int = 0           # CPU intra-op threads: n, or 0 = timed and re-checked as the load changes
     tensorboard: bool = True       # also log to TensorBoard (runs/<run>/tb) when the package is installed
     log_every: int = 100           # steps between log lines
     sample_every: int = 5000       # steps between sample grids (0 = off)
@@ -172,7 +173,7 @@ def _paper(*, image_size, patch_size, hidden_size, depth, num_heads, bottleneck,
 
 def _tiny(*, image_size, patch_size, hidden_size, depth, num_heads, aux_head_depth, data, batch_size, steps,
           time_budget_s=0.0, lr=2e-3, warmup_steps=0, decay="none", stop_check_every=10, noise_scale=1.0,
-          data_proportion=0.5, norm_p=1.0) -> Config:
+          data_proportion=0.5, norm_p=1.0, cpu_threads=0) -> Config:
     """A small preset for CPUs: fewer in-context tokens, no perceptual nets, short EMAs, per-sample
     label dropout. Time sampler logit-normal(0, 1) with 10% uniform (t, r), the paper's longer-training
     recipe: on digits it took the judge's Frechet distance at 900 steps from 8.2 to 4.6 (against
@@ -188,7 +189,7 @@ def _tiny(*, image_size, patch_size, hidden_size, depth, num_heads, aux_head_dep
     c.optim = OptimConfig(lr=lr, warmup_steps=warmup_steps, decay=decay)
     c.train = TrainConfig(data=data, batch_size=batch_size, steps=steps, time_budget_s=time_budget_s,
                           ema_halflives_kimg=(2.0, 8.0), num_workers=0, log_every=50, sample_every=0, ckpt_every=300,
-                          stop_check_every=stop_check_every)
+                          stop_check_every=stop_check_every, cpu_threads=cpu_threads)
     # omega 1 (no guidance): on digits, guidance narrowed the samples (omega 1.25 on the preset's two
     # measured runs: distance 1.44x and 2.05x the baseline against 1.35x and 1.63x at omega 1)
     c.sample = SampleConfig(omega=1.0, t_min=0.0, t_max=1.0, ema="auto", grid_per_class=10)
@@ -222,7 +223,8 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {
                                     stop_check_every=1, noise_scale=0.4, data_proportion=0.25, norm_p=0.5),
     # A few-step smoke preset for tests.
     "pMF-XS/4-test": lambda: _tiny(image_size=16, patch_size=4, hidden_size=32, depth=3, num_heads=2,
-                                   aux_head_depth=1, data="digits", batch_size=8, steps=4),
+                                   aux_head_depth=1, data="digits", batch_size=8, steps=4,
+                                   cpu_threads=2),    # fixed: test runs are compared bit for bit
 }
 DEFAULT_PRESET = "pMF-T/4-digits"
 
@@ -356,6 +358,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.shard_size={t.shard_size} must be >= 0 (0 = shard over all ranks)")
     if t.max_nonfinite < 1:
         raise ConfigError(f"train.max_nonfinite={t.max_nonfinite} must be >= 1")
+    if t.cpu_threads < 0:
+        raise ConfigError(f"train.cpu_threads={t.cpu_threads} must be >= 0 (0 = chosen by timing the steps)")
     if t.stop_check_every < 1:
         raise ConfigError(f"train.stop_check_every={t.stop_check_every} must be >= 1 step")
     p = cfg.optim

@@ -215,6 +215,11 @@ class TrainSampling:
         self.log.image(step, "samples", path)
         return path
 
+    def due(self, step):
+        """Whether periodic() samples at this step."""
+        tc = self.cfg.train
+        return bool(tc.sample_every and step % tc.sample_every == 0 or self.fid_setup and step % tc.eval_every == 0)
+
     def periodic(self, step):
         tc = self.cfg.train
         if tc.sample_every and step % tc.sample_every == 0:

@@ -108,3 +108,14 @@ class ThreadTuner:
             steps = ", ".join(f"{c}: {1e3 * s:.0f} ms" for c, s in sorted(medians.items()))
             self.log(f"CPU threads: {chosen} (median step by thread count {steps}; trial at {self._why}); "
                      f"checked again within {self.interval:.0f} s")
+
+
+def cpu_threads(n, device, log=None):
+    """train.cpu_threads on this device: n > 0 fixes n intra-op threads on a CPU; 0 gives a ThreadTuner
+    (ThreadTuner.for_device: None on GPUs, with OMP_NUM_THREADS set, or on one core), else None."""
+    if torch.device(device).type != "cpu":
+        return None
+    if n > 0:
+        torch.set_num_threads(n)
+        return None
+    return ThreadTuner.for_device(device, log)

@@ -87,3 +87,19 @@ def test_for_device_only_on_a_cpu_without_an_explicit_count(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     torch.set_num_threads(1)
     assert ThreadTuner.for_device("cpu") is None                                # one thread: nothing to choose
+
+
+def test_the_run_setting(monkeypatch):
+    """train.cpu_threads: n fixes n threads on a CPU, 0 tunes (unless OMP_NUM_THREADS is set), a GPU gets neither."""
+    from pmf_fast.threads import cpu_threads
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert cpu_threads(1, "cpu") is None and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert isinstance(cpu_threads(0, "cpu"), ThreadTuner)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert cpu_threads(0, "cpu") is None
+        assert cpu_threads(3, "meta") is None and torch.get_num_threads() != 3
+    finally:
+        torch.set_num_threads(before)
