@@ -23,8 +23,8 @@ setup(
         "torch-fidelity",    # Inception-v3 (2015-12-05 graph) port and FID / IS / precision-recall
     ],
     extras_require={
-        # transformers: the ConvNeXt-V2 key-map test; tensorboard: optional logging, tested when present
-        "dev": ["pytest", "pytest-benchmark", "transformers", "tensorboard"],
+        # transformers: the ConvNeXt-V2 key-map test; tensorboard: optional logging, tested when present; ruff: lint
+        "dev": ["pytest", "pytest-benchmark", "transformers", "tensorboard", "ruff"],
         "tensorboard": ["tensorboard"],
         "dali": ["nvidia-dali-cuda120"],
     },

@@ -17,8 +17,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.runtime.errors import OutOfResources
 
 from bench.common import SMOKE, device, record, time_ms
-from kernels.attention import (BACKWARDS, _fwd, _tiles, _torch_flash_supports, attention, attention_bwd,
-                               attention_jvp, attention_ref, default_backward)
+from kernels.attention import (
+    BACKWARDS,
+    _fwd,
+    _tiles,
+    _torch_flash_supports,
+    attention,
+    attention_bwd,
+    attention_jvp,
+    attention_ref,
+    default_backward,
+)
 
 SHAPES = [(2, 2, 36, 80)] if SMOKE else [(128, h, 276, d) for h, d in ((12, 64), (16, 80))]
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
@@ -84,7 +93,7 @@ def test_forward_tangent_tiles(benchmark, shape):
             continue
         for a, b in zip(out, ref):
             torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
-        record(benchmark, "attention fwd+tangent tiles", name, time_ms(lambda: _fwd(*args, tiles=tiles)),
+        record(benchmark, "attention fwd+tangent tiles", name, time_ms(lambda t=tiles: _fwd(*args, tiles=t)),
                3 * fwd_flops(*shape), base)
     benchmark.pedantic(lambda: _fwd(*args, tiles=default), rounds=1, iterations=1)
 
@@ -137,7 +146,7 @@ def test_backward(benchmark, shape):
     for variant in BACKWARDS:
         if variant == "torch_flash" and q.is_cuda and not _torch_flash_supports(q):
             continue
-        ms = time_ms(lambda: attention_bwd(do, q, k, v, o, lse, variant))
+        ms = time_ms(lambda v_=variant: attention_bwd(do, q, k, v, o, lse, v_))
         record(benchmark, "attention bwd", f"{shape} {variant}", ms, flops, ("SDPA backward", base),
                sdpa_backend=chosen)
     o_ours = attention(q, k, v)
@@ -150,7 +159,7 @@ def test_backward(benchmark, shape):
                 o_pinned = F.scaled_dot_product_attention(q, k, v)
         except RuntimeError:                    # not in this build or not for this input: no row
             continue
-        pinned = time_ms(lambda: torch.autograd.grad(o_pinned, (q, k, v), do, retain_graph=True))
+        pinned = time_ms(lambda o_=o_pinned: torch.autograd.grad(o_, (q, k, v), do, retain_graph=True))
         record(benchmark, "attention bwd", f"{default} vs SDPA {backend.name}", ours, flops,
                (f"SDPA backward ({backend.name})", pinned), sdpa_backend=backend.name)
     fa = flash_attn_baseline()

@@ -66,7 +66,8 @@ def read_stages(path):
         elif code is None:
             r["result"] = "cut short: the check was stopped during this stage"
         elif code in (124, 137):
-            r["result"] = f"timed out after {r['seconds']} s (limit {r['limit']} s)" + (f"; {summary}" if summary else "")
+            r["result"] = (f"timed out after {r['seconds']} s (limit {r['limit']} s)"
+                           + (f"; {summary}" if summary else ""))
         elif code == 5:
             r["result"] = "nothing selected (no such case)"
         else:

@@ -4,8 +4,17 @@ broken there); the full pMF shapes in bf16 run on a GPU."""
 import pytest
 import torch
 
-from kernels.attention import (BACKWARDS, _dim_blocks, _fwd, attention, attention_bwd, attention_jvp,
-                               attention_jvp_ref, attention_ref, default_backward)
+from kernels.attention import (
+    BACKWARDS,
+    _dim_blocks,
+    _fwd,
+    attention,
+    attention_bwd,
+    attention_jvp,
+    attention_jvp_ref,
+    attention_ref,
+    default_backward,
+)
 from tests.conftest import assert_close_by_rule
 
 GPU = torch.cuda.is_available()

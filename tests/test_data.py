@@ -39,7 +39,7 @@ def test_digits_split():
 
 def test_folder_dataset(tmp_path):
     rng = np.random.default_rng(0)
-    for c, name in enumerate(["zebra", "ant", "moth"]):
+    for name in ["zebra", "ant", "moth"]:
         (tmp_path / name).mkdir()
         for i in range(4):
             Image.fromarray(rng.integers(0, 255, (40 + i, 57, 3), dtype=np.uint8)).save(tmp_path / name / f"{i}.png")

@@ -29,7 +29,7 @@ CONVERTED = {"gray.jpg": "L", "cmyk.jpg": "CMYK", "alpha.png": "RGBA", "palette.
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagenet")
     photos = load_sample_images().images                        # two real 427 x 640 photos
-    for c, (name, photo) in enumerate(zip(["china", "flower"], photos)):
+    for name, photo in zip(["china", "flower"], photos):
         os.makedirs(root / name)
         for i in range(6):
             crop = photo[i * 12: i * 12 + 300 + 10 * i, i * 30: i * 30 + 420]
@@ -87,7 +87,8 @@ def test_scan_is_cached_and_refreshed(folder, monkeypatch, tmp_path):
 def test_labels_match_imagefolder(folder):
     import torchvision
     files, labels, classes = scan_folder(str(folder))
-    ref = torchvision.datasets.ImageFolder(str(folder), loader=lambda p: p, is_valid_file=lambda p: p.endswith((".jpg", ".png")))
+    ref = torchvision.datasets.ImageFolder(str(folder), loader=lambda p: p,
+                                           is_valid_file=lambda p: p.endswith((".jpg", ".png")))
     assert classes == ref.classes
     assert [(f, l) for f, l in zip(files, labels)] == [(p, l) for p, l in ref.samples]
 

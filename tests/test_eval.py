@@ -135,7 +135,8 @@ def test_sampling_is_independent_of_batch_and_resumes(ckpt, tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="other settings"):
         sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "c.npz"), *ARGS])
     # another batch size gives the same images
-    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "d.npz"), "--num-samples", "10", "--batch", "4", "--ema", "raw"])
+    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "d.npz"), "--num-samples", "10", "--batch", "4",
+                 "--ema", "raw"])
     assert np.array_equal(np.load(tmp_path / "d.npz")["arr_0"], full["arr_0"])
 
 

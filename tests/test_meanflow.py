@@ -6,8 +6,19 @@ import pytest
 import torch
 
 from pmf_fast.config import ObjectiveConfig, get_config
-from pmf_fast.meanflow import (adaptive_weight, cfg_targets, generate, jvp_explicit, jvp_reference, pmf_loss,
-                               sample_draws, sample_interval, sample_label_drop, sample_omega, sample_t_r)
+from pmf_fast.meanflow import (
+    adaptive_weight,
+    cfg_targets,
+    generate,
+    jvp_explicit,
+    jvp_reference,
+    pmf_loss,
+    sample_draws,
+    sample_interval,
+    sample_label_drop,
+    sample_omega,
+    sample_t_r,
+)
 from pmf_fast.model import PMFDiT
 from tests.conftest import wake_up
 
