@@ -24,7 +24,7 @@ setup(
     ],
     extras_require={
         # transformers: the ConvNeXt-V2 key-map test; tensorboard: optional logging, tested when present; ruff: lint
-        "dev": ["pytest", "pytest-benchmark", "transformers", "tensorboard", "ruff"],
+        "dev": ["pytest", "pytest-benchmark", "transformers", "tensorboard", "ruff==0.17.6"],
         "tensorboard": ["tensorboard"],
         "dali": ["nvidia-dali-cuda120"],
     },
