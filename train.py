@@ -159,8 +159,10 @@ def main(argv=None):
 def end_of_run(stopper, state, sampling, log):
     """Say why the loop ended; after a complete run, the final samples, the digits judge and end.json."""
     if stopper.nonfinite:
+        hint = ("raise train.max_nonfinite or lower the learning rate" if stopper.tc.nonfinite == "skip" else
+                "set train.nonfinite=skip to skip such steps")
         log(f"stopped at step {state.step}: {stopper.reason}; no checkpoint was written after the loss went bad "
-            "(set train.nonfinite=skip to skip such steps)")
+            f"({hint})")
         log.close()
         dist.cleanup()
         raise FloatingPointError(f"{stopper.reason} at step {state.step}")

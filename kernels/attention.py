@@ -23,7 +23,7 @@ Kernels (flash-attention 2 style, one program per [BLOCK_M query rows] of one (b
 Head dims that are not a power of two are split, not padded: D = 80 (pMF-H) runs as a 64-wide
 "head" tile plus a 16-wide "tail" tile (two tl.dot accumulations for Q K^T, two accumulators for O,
 O_dot, dK, dV, dQ), so no tile work is spent on padding; padding 80 to 128 wasted 37% of it (the
-forward+tangent then ran 148 TFLOP/s at D = 80 against 286 at D = 64, H200, 2026-11, issue 10).
+forward+tangent then ran 148 TFLOP/s at D = 80 against 286 at D = 64, H200, torch 2.11).
 
 Backward: three variants, all tested against the reference (tests/test_attention.py).
   "torch_flash"     PyTorch's own fused flash-attention backward (FA2, sm80+, fp16/bf16, D % 8 == 0)
@@ -372,7 +372,7 @@ BACKWARDS = ("torch_flash", "triton", "triton_onepass")
 # The default backward. "torch_flash" is taken where FA2 supports the input (CUDA sm80+, fp16/bf16,
 # D % 8 == 0: pMF trains in bf16 at D = 64 and 80), "triton" everywhere else (fp32, the interpreter).
 # Why: the two-pass Triton backward measured 0.54x SDPA's backward at N = 276, D = 64 and 0.40x at
-# D = 80 (H200, 2026-11, issue 10), and FA2's backward is what SDPA's backward runs. This choice has
+# D = 80 (H200, torch 2.11), and FA2's backward is what SDPA's backward runs. This choice has
 # not been measured on a GPU yet: bench/bench_attention.py (test_backward) times every variant
 # against SDPA's backward in one run, and the fastest there must be the one named here.
 BACKWARD = "torch_flash"

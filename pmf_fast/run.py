@@ -8,6 +8,7 @@ preemption continue where the run stopped); a different config there is refused,
 `--resume runs/X key=value ...` continues a run with overrides; overrides that change tensor shapes
 (model.*, the EMA half-lives) are refused before anything is written.
 """
+import contextlib
 import datetime
 import json
 import math
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from .atomic import atomic_write, clean_temporaries
+from .atomic import _alive, atomic_write, clean_temporaries
 from .checkpoint import CheckpointError, list_checkpoints, load_latest, remove_stale_temporaries
 from .config import Config, ConfigError, get_config, set_field, validate
 from .dist import agree_max, all_gather_objects, all_reduce_mean
@@ -29,7 +30,8 @@ from .dist import agree_max, all_gather_objects, all_reduce_mean
 RUN_CONTROL = {f"train.{k}" for k in ("steps", "epochs", "time_budget_s", "log_every", "sample_every", "ckpt_every",
                                       "eval_every", "eval_samples", "fid_ref", "out_dir", "num_workers", "loader",
                                       "impl", "parallel", "shard_size", "checkpointing", "nonfinite", "max_nonfinite",
-                                      "stop_check_every", "tensorboard", "precision", "data")} | {"preset"}
+                                      "stop_check_every", "tensorboard", "precision", "data",
+                                      "cpu_threads")} | {"preset"}
 # fields whose change would not fit the saved tensors
 SHAPES = ("model.", "train.ema_halflives_kimg")
 
@@ -45,7 +47,13 @@ def flat(d, prefix=""):
 
 
 def config_diff(old: dict, new: dict):
-    """[(field, old value, new value)] between two Config.to_dict()s."""
+    """[(field, old value, new value)] between two Config.to_dict()s. The old one is read through
+    Config.from_dict first, so a field added since it was saved counts as its default, not a change."""
+    try:
+        filled = Config.from_dict(old).to_dict()
+        old = {k: filled.get(k, v) for k, v in old.items()}   # the sections given, with their new fields
+    except ConfigError:                              # a field removed since: compare as saved
+        pass
     a, b = flat(old), flat(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
@@ -100,7 +108,10 @@ class RunLock:
         if not holder or "pid" not in holder:
             return True
         if holder.get("host") == self.me["host"]:
-            return holder["pid"] != os.getpid() and not _pid_alive(holder["pid"])
+            # a live pid that started after the lock was made is another process under a reused pid (a
+            # restarted container keeps its host name and counts pids from 1 again, even up to ours)
+            pid = holder["pid"]
+            return not _alive(pid) or _started_after(pid, holder.get("since"))
         deadline = time.monotonic() + self.stale_after_s
         while time.monotonic() < deadline:
             if _age(self.path) > self.stale_after_s:
@@ -195,14 +206,17 @@ def _age(path):
         return 0.0
 
 
-def _pid_alive(pid):
+def _started_after(pid, since):
+    """Whether process `pid` started after the ISO time `since` (Linux /proc; False when unknown)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rpartition(")")[2].split()[19])      # field 22: start time after boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        started = boot + ticks / os.sysconf("SC_CLK_TCK")
+        return started > datetime.datetime.fromisoformat(since).timestamp() + 2
+    except (OSError, ValueError, TypeError, StopIteration, IndexError):
         return False
-    except OSError:                                  # EPERM: alive, another user's
-        return True
-    return True
 
 
 def claim_run_dir(run_dir, is_main):
@@ -212,11 +226,11 @@ def claim_run_dir(run_dir, is_main):
     if is_main:
         try:
             lock = RunLock(run_dir).acquire()
-        except RunBusy as e:
-            refusal = str(e)
-    refusal = all_gather_objects(refusal)[0]
-    if refusal:
-        raise RunBusy(refusal)
+        except Exception as e:                      # e.g. an unwritable train.out_dir: the others must not wait
+            refusal = e
+    refusal = all_gather_objects(None if refusal is None else (type(refusal).__name__, str(refusal)))[0]
+    if refusal is not None:
+        raise RunBusy(refusal[1]) if refusal[0] == "RunBusy" else CheckpointError(f"{refusal[0]}: {refusal[1]}")
     return lock
 
 
@@ -349,7 +363,7 @@ def resolve_run(preset, name, resume, overrides, log):
                     raise ConfigError(f"{run_dir} holds another run ({_describe(diff)}); pass --name for a new run")
                 log(f"{run_dir} holds a run of the same config that never wrote a checkpoint: starting it over")
                 for f in ("log.jsonl", "metrics.json", END):
-                    if os.path.exists(os.path.join(run_dir, f)):
+                    with contextlib.suppress(FileNotFoundError):     # every rank tries; one wins
                         os.remove(os.path.join(run_dir, f))
             elif os.path.isdir(run_dir) and set(os.listdir(run_dir)) - {LOCK}:
                 raise ConfigError(f"{run_dir} is not empty and holds no pmf-fast run; pass --name for a new run")

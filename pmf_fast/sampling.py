@@ -194,6 +194,8 @@ class TrainSampling:
                 self.fid_setup = (extractor, reference(cfg.train.fid_ref, extractor, cfg.model.image_size)[0])
             except (FileNotFoundError, ValueError) as e:
                 log(f"periodic FID skipped: {e}")
+            if not all(dist.all_gather_objects(self.fid_setup is not None)):   # every rank, or none
+                self.fid_setup = None
 
     def sampling_model(self):
         """An unsharded copy holding the chosen EMA (or the raw weights); collective under FSDP2."""
@@ -215,16 +217,22 @@ class TrainSampling:
         self.log.image(step, "samples", path)
         return path
 
+    def _due(self, step):
+        """(grid, FID) due at this step."""
+        tc = self.cfg.train
+        return bool(tc.sample_every and step % tc.sample_every == 0), self.fid_setup is not None and \
+            step % tc.eval_every == 0
+
     def due(self, step):
         """Whether periodic() samples at this step."""
-        tc = self.cfg.train
-        return bool(tc.sample_every and step % tc.sample_every == 0 or self.fid_setup and step % tc.eval_every == 0)
+        return any(self._due(step))
 
     def periodic(self, step):
         tc = self.cfg.train
-        if tc.sample_every and step % tc.sample_every == 0:
+        grid, fid_due = self._due(step)
+        if grid:
             self.grid(step)
-        if self.fid_setup is not None and step % tc.eval_every == 0:
+        if fid_due:
             n = tc.eval_samples
             value = fid_of_model(self.sampling_model(), self.cfg, n, *self.fid_setup, self.device, self.rank,
                                  self.world)

@@ -11,8 +11,9 @@ cores (bench/README.md): beside a busy loop today's setting made 0.15-0.38x its 
 which it then keeps. OMP_WAIT_POLICY=PASSIVE also helped under load but ranged from 0.79x to 1.8x
 today idle, and must be set before `import torch`: not used here.
 
-Wiring (train.py): `tuner = ThreadTuner.for_device(device, log)` before the loop (None on GPUs, with
-an explicit OMP_NUM_THREADS, or on one core), and `if tuner: tuner.step()` after each optimizer step.
+In train.py: `tuner = cpu_threads(train.cpu_threads, device, log)` before the loop (a tuner for 0 on a
+CPU of several cores without OMP_NUM_THREADS, else None), `tuner.step()` after each optimizer step and
+`tuner.pause()` after a step that also logged, sampled or saved.
 
 A trial runs a few steps at each count, one thread first (no barrier: never far off), and keeps the
 fastest median; a count whose step is already `slowdown` x slower than the best is dropped after that

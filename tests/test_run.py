@@ -1,8 +1,10 @@
 """The pieces around the training loop (pmf_fast/run.py): the learning-rate schedule, config
 differences on resume, the stop signals and the log."""
+import datetime
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -120,9 +122,15 @@ def test_lock_refuses_a_live_holder_and_takes_a_dead_ones(tmp_path):
     d = str(tmp_path / "run")
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        write_lock(d, host=socket.gethostname(), pid=live.pid)
+        write_lock(d, host=socket.gethostname(), pid=live.pid)     # made before its pid's process started:
+        RunLock(d).acquire().release()                             # the pid was reused, the lock is stale
+        write_lock(d, host=socket.gethostname(), pid=os.getpid())  # likewise our own pid (a restarted container)
+        RunLock(d).acquire().release()
+        time.sleep(2.5)                                  # a real holder made its lock after it started
+        since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        write_lock(d, host=socket.gethostname(), pid=live.pid, since=since)
         with pytest.raises(RunBusy, match=rf"in use by another run \(host {socket.gethostname()}, pid {live.pid}, "
-                                          r"since 2026-01-01T00:00:00\+00:00\)"):
+                                          rf"since {re.escape(since)}\)"):
             RunLock(d).acquire()
     finally:
         live.kill()

@@ -133,7 +133,7 @@ class PreparedLoader:
         # the thread holds no reference to the loader: a dropped loader is collected, and the
         # finalizer (also run at exit) stops its thread
         args = (self.data, self.batches, self.bufs, self.events, self.flip, self.threads, self.epoch, self.index,
-                ready, free, stop)
+                ready, free, stop, self.device)
         thread = threading.Thread(target=_produce, args=args, daemon=True, name="prepared-loader")
         thread.start()
         self._thread, self._ready, self._free = thread, ready, free
@@ -184,12 +184,14 @@ def _fill(data, buf, idx, flip, x, rows):
             x[i].copy_(buf[i].permute(2, 0, 1)).div_(127.5).sub_(1.0)
 
 
-def _produce(data, batches, bufs, events, flip, threads, epoch, index, ready, free, stop):
+def _produce(data, batches, bufs, events, flip, threads, epoch, index, ready, free, stop, device):
     """The gather thread of PreparedLoader: batches from (epoch, index) on, into free buffers."""
     from concurrent.futures import ThreadPoolExecutor
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     b, s = batches.batch, data.image_size
     parts = [range(b * t // threads, b * (t + 1) // threads) for t in range(threads)]
+    if events is not None:
+        torch.cuda.set_device(device)                  # a new thread starts on GPU 0: no context there on rank r
     try:
         while True:
             idx = batches.indices(epoch, index).tolist()
