@@ -265,6 +265,16 @@ def test_a_node_lost_then_back(tmp_path, nodes):
                         "the survivor alone vs the same checkpoint resumed by hand on one node")
 
 
+def failed_on_both(runs, tmp_path, log):
+    """Both agents exited non-zero; the stderr of their two workers (logs under tmp_path/<log><i>)."""
+    for r in runs:
+        rc, _, _ = r.wait(180)
+        assert rc != 0, r.describe()
+    errs = [text for i in range(2) for text in worker_logs(tmp_path / f"{log}{i}", "stderr").values()]
+    assert len(errs) == 2, errs
+    return errs
+
+
 # ----------------------------------------------------------------------------- 3. ranks stop together
 def test_every_rank_stops_on_a_held_run_or_a_run_directory_not_shared(tmp_path, nodes):
     """Two nodes on a run directory that another live process holds: rank 0's refusal stops every
@@ -281,12 +291,7 @@ def test_every_rank_stops_on_a_held_run_or_a_run_directory_not_shared(tmp_path, 
         assert holder.stdout.readline().strip() == "held"
         runs = nodes("held", [agent(2, 1, port, tmp_path / f"hlog{i}", *train_cmd(shared, "run", *overrides))
                               for i in range(2)], port)
-        for r in runs:
-            rc, _, _ = r.wait(180)
-            assert rc != 0, r.describe()
-        errs = [text for i in range(2) for text in worker_logs(tmp_path / f"hlog{i}", "stderr").values()]
-        assert len(errs) == 2, errs
-        for text in errs:
+        for text in failed_on_both(runs, tmp_path, "hlog"):
             lines = text.strip().splitlines()
             assert lines[-1].startswith("error: ") and f"in use by another run (host {socket.gethostname()}, pid " \
                 f"{holder.pid}, since " in lines[-1] and "Traceback" not in text, text
@@ -303,12 +308,7 @@ def test_every_rank_stops_on_a_held_run_or_a_run_directory_not_shared(tmp_path, 
     port = free_port()
     runs = nodes("split", [agent(2, 1, port, tmp_path / f"slog{i}", *train_cmd(d, "run", *overrides))
                            for i, d in enumerate((shared, local))], port)
-    for r in runs:
-        rc, _, _ = r.wait(180)
-        assert rc != 0, r.describe()
-    errs = [text for i in range(2) for text in worker_logs(tmp_path / f"slog{i}", "stderr").values()]
-    assert len(errs) == 2, errs
-    for text in errs:
+    for text in failed_on_both(runs, tmp_path, "slog"):
         line = text.strip().splitlines()[-1]
         assert line.startswith("error: the ranks disagree on the checkpoint to resume from:"), text
         assert "see ckpt_00000003.pt (train) in " + str(shared / "run") in line and \
