@@ -60,9 +60,10 @@ def _is_dtensor(t):
 
 def default_ns(G, steps, coefficients, eps):
     """The batched eager reference; bf16 on GPU as in Keller's Muon, fp32 on CPU as the official
-    optax code (param dtype). On GPU it runs under torch.compile: measured on an H200 (torch 2.11, the 178 Muon matrices of pMF-B/16) the compiled reference took 8.73 ms, exactly
-    the symmetric Triton kernel's 8.73 ms, so the simpler one is used and the kernel
-    (kernels/newton_schulz.py) stays a benchmarked alternative (bench/bench_newton_schulz.py)."""
+    optax code (param dtype). On GPU it runs under torch.compile: measured on an H200 (torch 2.11,
+    the 178 Muon matrices of pMF-B/16) the compiled reference took 8.73 ms, exactly the symmetric
+    Triton kernel's 8.73 ms, so the simpler one is used and the kernel (kernels/newton_schulz.py)
+    stays a benchmarked alternative (bench/bench_newton_schulz.py)."""
     if G.is_cuda:
         return _compiled_ns()(G, steps, coefficients, eps, dtype=torch.bfloat16)
     return newton_schulz_ref(G, steps, coefficients, eps, dtype=torch.float32)
