@@ -2,9 +2,9 @@
 measured in the same run. FLOPs (flash-attention's benchmark convention): forward 4 B H N^2 D,
 forward + tangent 3x that, backward 2.5x.
 Shapes: pMF-B/16 (12 heads, D 64) and pMF-H/16 (16 heads, D 80) at N = 276, batch 128, bf16.
-Targets (issue 10, H100/H200): forward + tangent >= 350 TFLOP/s at D = 64 and >= 280 at D = 80
+Targets (H100/H200): forward + tangent >= 350 TFLOP/s at D = 64 and >= 280 at D = 80
 (D = 80 at least 80% of D = 64); backward >= 1.0x SDPA's backward. Measured before the head-dim
-split and the backward variants (H200, 2026-11): forward + tangent 286 / 148 TFLOP/s at D = 64 / 80,
+split and the backward variants (H200, torch 2.11): forward + tangent 286 / 148 TFLOP/s at D = 64 / 80,
 two-pass backward 0.54x / 0.40x SDPA's. kernels.attention.BACKWARD must name the variant that
 test_backward measures fastest. test_forward_tangent_tiles times the forward+tangent kernel at
 the six tile sizes that compile without spilling for sm_90 (python -m bench.kernel_resources

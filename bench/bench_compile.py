@@ -1,12 +1,12 @@
 """Compile time of the first training step: the old approach (torch.compile of the whole pmf_loss)
 against regional compilation (pmf_fast/dist.py compile_blocks: one graph per block mode, shared by
-every block), at two depths, so the rows show how each grows with depth (issue 9, item 4).
+every block), at two depths, so the rows show how each grows with depth.
 
 One step: pmf_loss with explicit tangents (x_dot through every block's module call) plus backward,
 pMF-B/16 shapes at batch 2 with model.depth overridden (aux_head_depth kept <= depth).
 On the CPU: impl "eager", fp32, backend "aot_eager" (Dynamo capture + AOT autograd, no codegen);
 on a GPU: impl "fast", bf16 autocast, backend "inductor". Compile time = first call minus second
-call, both wall clock with the device synchronised (the issue's measure); each row also carries
+call, both wall clock with the device synchronised; each row also carries
 dynamo_compile_s, the compile time Dynamo accounts for itself (frame compiles plus the lazy
 backward compiles), which the step time's noise on a shared CPU does not touch. Each case runs in its
 own Python process (a cold Dynamo, inductor's on-disk caches off via TORCHINDUCTOR_FORCE_DISABLE_CACHES), under a time

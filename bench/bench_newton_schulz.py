@@ -4,7 +4,7 @@ per matrix), and the eager reference batched under torch.compile (what Muon uses
 FLOPs per step on m x n (m <= n), counted as plain GEMMs: 2 m^2 n (X X^T) + 2 m^3 (A^2) + 2 m^2 n (B X).
 Rows: the kernel and the compiled reference each against torch.optim.Muon, and the kernel against
 the compiled reference: the row that decides (kernels/newton_schulz.py: the kernel replaces the
-compiled reference in Muon only at >= 1.3x; measured 1.00x on an H200, 2026-11).
+compiled reference in Muon only at >= 1.3x; measured 1.00x on an H200, torch 2.11).
 """
 import torch
 from torch.optim._muon import _zeropower_via_newtonschulz

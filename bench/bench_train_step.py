@@ -15,7 +15,7 @@ TFLOP/s from the analytic count (pmf_fast/flops.py, checked against torch.utils.
 tests/test_flops.py), MFU against the card's bf16 GEMM rate measured in the same run, and peak
 memory. MFU both ways: `mfu` counts the model's FLOPs only, `mfu_step` the whole step's (the
 perceptual networks too: +94 GFLOP/image for ConvNeXt-V2-B beside pMF-B/16's 504). Targets
-(issue 10, H100/H200): fast >= 4x eager in images/s at B/16, MFU >= 40%, first step compiled in <= 30 s.
+(H100/H200): fast >= 4x eager in images/s at B/16, MFU >= 40%, first step compiled in <= 30 s.
 """
 import statistics
 import time

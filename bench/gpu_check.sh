@@ -85,7 +85,7 @@ run_stage() {
 
 # Stage limits are each stage's cap; the budget (345 s) cuts the later stages to what is left, so the
 # attention tiles and the L/16 and H/16 rows run only on time the earlier stages did not use. The
-# limits are estimates (the last GPU run, H200 2026-11, never reached a train-step row): retune them
+# limits are estimates (the last GPU run, on an H200, never reached a train-step row): retune them
 # from the "after N s" of a complete report.
 # (a) the pMF-B/16 training step: every row the train-step benchmark has for B/16
 run_stage 150 "train step: $b16" bench/bench_train_step.py -k "$b16"

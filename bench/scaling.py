@@ -5,7 +5,7 @@ time at a given bus bandwidth, for DDP and FSDP2 on 8 GPUs. Prints the README's 
     python bench/scaling.py [--tflops 82] [--per-gpu-batch 128] [--gpus 8]
 
 --tflops: the achieved rate of the measured step. Default 82: the explicit-eager pMF-B/16 step at
-batch 128 on an H200 (789 ms/step, issue 10, 2026-11); the fast step is meant to be several times
+batch 128 on an H200 (789 ms/step, torch 2.11); the fast step is meant to be several times
 faster, which makes communication relatively more expensive (rerun with its measured rate).
 Bus bandwidths (NCCL's "busbw"): NVLink within an 8-GPU H100/H200 node about 360 GB/s; across
 nodes at 400 Gb/s per GPU about 45 GB/s. Ring collectives on N GPUs move, per GPU:

@@ -1,4 +1,4 @@
-"""Reliability of train.py under torchrun (2 CPU ranks, gloo) and on one process (issue 11):
+"""Reliability of train.py under torchrun (2 CPU ranks, gloo) and on one process:
 
 * a time budget on 2 ranks ends without a hang, exit 0, a checkpoint written on both ranks' behalf
   (repeated PMF_REPEAT times, 3 by default);
