@@ -87,12 +87,7 @@ def main(argv=None):
         perceptual = perceptual_loss(o, device, log)
         state = TrainState(loader, device, tc.seed, rank, world)
         checkpointer = Checkpointer(run.dir, cfg, model, optimizers, emas, state, device, log)
-        if run.meta is not None:                     # resume: every stateful piece takes its own state
-            checkpointer.load(run.ckpt_path, run.meta, finished=run.stage == "end")
-            log.truncate(state.step)
-            log(f"resumed from {run.ckpt_path} at step {state.step}" +
-                (": training had finished, its end stage had not; completing it" if run.stage == "end" else ""))
-            run.meta = None
+        run.resume(checkpointer, log)                # every stateful piece takes its own state
         if is_main:
             save_config(cfg, os.path.join(run.dir, "config.json"))   # only now: a refused resume changed nothing
         sampling = TrainSampling(cfg, model, emas, run.dir, n_classes, device, rank, world, log)

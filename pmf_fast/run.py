@@ -261,6 +261,17 @@ class Run:
             print(f"{self.dir} already finished at step {self.meta['train']['step']}: nothing to do (raise "
                   "train.steps or train.time_budget_s with --resume to train longer, or pass --name for a new run)")
 
+    def resume(self, checkpointer, log):
+        """Load the checkpoint the ranks agreed on into the run's state (nothing for a fresh run)."""
+        if self.meta is None:
+            return
+        checkpointer.load(self.ckpt_path, self.meta, finished=self.stage == "end")
+        step = checkpointer.state.step
+        log.truncate(step)
+        log(f"resumed from {self.ckpt_path} at step {step}" +
+            (": training had finished, its end stage had not; completing it" if self.stage == "end" else ""))
+        self.meta = None                             # the loaded tensors are not kept twice
+
     def make_dir(self, is_main):
         """Rank 0 makes the directory and removes the temporary files of a killed run's writes."""
         if is_main:

@@ -183,6 +183,7 @@ def test_head_dim_split():
         _dim_blocks(160)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_pmf_length_head_dim_80(dtype):
     """N = 276 (pMF's 20 + 256 tokens) at D = 80, batch 1: tangent and every gradient."""

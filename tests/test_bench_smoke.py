@@ -11,6 +11,8 @@ import time
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow                  # process launches or compiles: not the fast lane
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

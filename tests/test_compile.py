@@ -20,6 +20,8 @@ from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
 from tests.conftest import wake_up
 
+pytestmark = pytest.mark.slow                  # process launches or compiles: not the fast lane
+
 AUX = 1                    # aux_head_depth of the tiny preset
 MODES = 3                  # primal under no_grad (2B), primal with grad (v-head), tangent (trunk + u-head)
 

@@ -22,6 +22,8 @@ from pmf_fast.model import PMFDiT
 from pmf_fast.muon import Muon, assign_owners, build_optimizers, ns_cost
 from tests.conftest import assert_close_by_rule, wake_up
 
+pytestmark = pytest.mark.slow                  # process launches or compiles: not the fast lane
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, STEPS = 12, 2                              # global batch (divisible by 2 and 3 ranks), optimizer steps
 

@@ -67,6 +67,7 @@ def test_fast_matches_reference_loss_and_every_gradient():
         assert_close_by_rule(gf[n], g64[n], g32[n], f"grad {n}", relative_atol=True)
 
 
+@pytest.mark.slow
 def test_compiled_fast_step_equals_eager():
     """Catches tangents silently dropped by the compiler (pytorch#192985): inductor, fullgraph."""
     cfg, model, x, y, d = setup()
@@ -80,6 +81,7 @@ def test_compiled_fast_step_equals_eager():
         assert torch.allclose(g_c[n], g_e[n], rtol=1e-4, atol=1e-6), n
 
 
+@pytest.mark.slow
 def test_a_few_optimizer_steps_stay_together():
     cfg, model, x, y, _ = setup()
     runs = {}
@@ -98,6 +100,7 @@ def test_a_few_optimizer_steps_stay_together():
     assert moved > 1e-3 and gap < 1e-3 * moved
 
 
+@pytest.mark.slow
 def test_fast_step_saves_at_most_half_the_reference():
     """The memory target at the real pMF-B/16 shapes (one image, fp32, CPU): bytes saved for backward."""
     from bench.bench_memory import saved_bytes_per_image

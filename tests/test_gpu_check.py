@@ -7,6 +7,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from bench import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +64,7 @@ def test_report_from_partial_files(tmp_path):
     assert saved["results"] == ROWS and len(saved["stages"]) == 5 and saved["meta"]["status"].startswith("killed")
 
 
+@pytest.mark.slow
 def test_check_writes_its_report_when_killed(tmp_path):
     """SIGTERM to the check (as `timeout` sends it) once a row is written: the report holds that row."""
     env = dict(os.environ, PMF_GPU_CHECK_DRY="1", PMF_RESULTS_DIR=str(tmp_path), PMF_GPU_CHECK_SECONDS="300")

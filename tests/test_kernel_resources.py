@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow                  # process launches or compiles: not the fast lane
+
 pytest.importorskip("triton", reason="triton is Linux-only: there is nothing to compile without it")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

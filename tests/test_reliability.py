@@ -43,7 +43,7 @@ RUN_TIMEOUT = int(os.environ.get("PMF_RUN_TIMEOUT", "240"))   # one run, startup
 STEPS = 40
 EXACT = ["train.log_every=1", "train.stop_check_every=1", f"train.steps={STEPS}"]
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 
 def rng(*key):

@@ -289,6 +289,7 @@ def test_attention_fallback_gradients_equal_the_reference(monkeypatch):
         assert_close_by_rule(g, r, e, f"d{name}", relative_atol=True)
 
 
+@pytest.mark.slow
 def test_impl_fast_trains_on_a_cpu_without_triton_interpret(tmp_path):
     """The documented eager fallback, forward and backward, in a process whose environment has no
     TRITON_INTERPRET (tests/conftest.py sets it for this one)."""
