@@ -87,7 +87,8 @@ class RunLock:
         self.run_dir, self.path = run_dir, os.path.join(run_dir, LOCK)
         self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
         self.me = {"host": socket.gethostname(), "pid": os.getpid(),
-                   "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "beat": 0}
+                   "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "beat": 0,
+                   "token": os.urandom(8).hex()}               # tells apart two starts in one second
         self.created_dir, self.held, self._stop = False, False, threading.Event()
         self._thread = None
 
@@ -101,8 +102,8 @@ class RunLock:
             return {}                                # torn by a crash mid-create: no live holder wrote it
 
     def _mine(self, holder):
-        return holder is not None and {k: holder.get(k) for k in ("host", "pid", "since")} == \
-            {k: self.me[k] for k in ("host", "pid", "since")}
+        return holder is not None and {k: holder.get(k) for k in ("host", "pid", "since", "token")} == \
+            {k: self.me[k] for k in ("host", "pid", "since", "token")}
 
     def _stale(self, holder):
         if not holder or "pid" not in holder:
@@ -128,9 +129,20 @@ class RunLock:
         self.created_dir = not os.path.isdir(self.run_dir)
         os.makedirs(self.run_dir, exist_ok=True)
         clean_temporaries(self.run_dir, LOCK)        # a heartbeat cut by a kill
+        # the lock appears whole: written to a file of our own, then hard-linked to its name (link, like
+        # O_EXCL, fails when the name exists), so no starter ever reads a half-written lock
+        mine = f"{self.path}.new.{os.getpid()}.{threading.get_ident()}"
+        with open(mine, "w") as f:
+            json.dump(self.me, f)
+        try:
+            return self._acquire(mine)
+        finally:
+            os.remove(mine)
+
+    def _acquire(self, mine):
         for _ in range(100):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(mine, self.path)
             except FileExistsError:
                 holder = self._read()
                 if holder is None:
@@ -144,8 +156,9 @@ class RunLock:
                                   "it, or pass --name for a new run") from None
                 self._take_over(holder)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.me, f)
+            time.sleep(0.05)                         # a concurrent take-over may have moved ours aside
+            if not self._mine(self._read()):
+                continue
             self.held = True
             self._thread = threading.Thread(target=self._beat, daemon=True, name="run-lock-heartbeat")
             self._thread.start()
@@ -155,7 +168,7 @@ class RunLock:
     def _take_over(self, stale):
         """Move the stale lock aside; if it changed since it was judged (another starter took it over
         first, or its holder beat), put it back unless the path is taken again."""
-        aside = f"{self.path}.stale.{os.getpid()}"
+        aside = f"{self.path}.stale.{os.getpid()}.{threading.get_ident()}"   # unique per starter
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -165,7 +178,7 @@ class RunLock:
                 moved = json.load(f)
         except (ValueError, OSError):
             moved = {}
-        if moved != stale and moved:
+        if moved != stale:                           # changed, or being written by a new starter: not ours
             try:
                 os.link(aside, self.path)            # never replaces a lock created meanwhile
             except OSError:
