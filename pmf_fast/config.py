@@ -92,10 +92,14 @@ class TrainConfig:
     flip: bool = False             # random horizontal flips (off in the official recipe)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     impl: Literal["auto", "fast", "eager", "reference"] = "auto"  # the step (docs/kernels.md); auto = fast on CUDA
+    selftest: Literal["quick", "off"] = "quick"  # fast on CUDA: the kernels at this run's shapes against eager first
     parallel: Literal["ddp", "fsdp"] = "ddp"  # DistributedDataParallel, or FSDP2 fully_shard per block
     shard_size: int = 0            # fsdp: ranks per shard group; 0 = all (FSDP), a divisor of the world = HSDP
     compile: Literal["auto", "blocks", "none"] = "auto"  # torch.compile per block; auto = blocks for impl fast
     checkpointing: Literal["none", "blocks"] = "none"  # activation checkpointing: recompute each block in backward
+    micro_batch: int = 0           # images per forward per rank (gradient accumulation); 0 = the whole per-rank batch
+    init: str = ""                 # start from these weights: an official .pt or a pmf-fast checkpoint ("" = random)
+    init_weights: Literal["ema", "raw"] = "ema"  # of a pmf-fast checkpoint: its sampling EMA (sample.py's pick) or raw
     nonfinite: Literal["stop", "skip"] = "stop"  # on a non-finite loss: stop (last checkpoint kept) or skip the step
     max_nonfinite: int = 10        # "skip": stop after this many non-finite steps in a row
     stop_check_every: int = 10     # steps between stop checks agreed by all ranks (one small all-reduce each)
@@ -360,6 +364,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_nonfinite={t.max_nonfinite} must be >= 1")
     if t.cpu_threads < 0:
         raise ConfigError(f"train.cpu_threads={t.cpu_threads} must be >= 0 (0 = chosen by timing the steps)")
+    if t.micro_batch < 0 or (t.micro_batch and t.batch_size % t.micro_batch):
+        raise ConfigError(f"train.micro_batch={t.micro_batch} must be 0 (no accumulation) or divide "
+                          f"train.batch_size={t.batch_size}")
     if t.stop_check_every < 1:
         raise ConfigError(f"train.stop_check_every={t.stop_check_every} must be >= 1 step")
     p = cfg.optim
