@@ -1,19 +1,22 @@
 """Atomic file writes, the one implementation used by checkpoints, samples and the data-scan cache.
 
-`atomic_write(path, write)` writes to `<path>.tmp.<pid>` in the same directory (so the rename stays
-on one file system), flushes and fsyncs it, then renames it over `path` with os.replace: a reader
-sees the old file or the new one, never half of one, and a crash mid-write leaves the old file as
-it was. The temporary file is removed when writing fails; one left by a killed process (SIGKILL,
-power loss) is removed by `clean_temporaries` at the next start.
+`atomic_write(path, write)` writes to `<path>.tmp.<pid>.<host>` in the same directory (so the rename
+stays on one file system), flushes and fsyncs it, then renames it over `path` with os.replace: a
+reader sees the old file or the new one, never half of one, and a crash mid-write leaves the old
+file as it was. The temporary file is removed when writing fails; one left by a killed process
+(SIGKILL, power loss) is removed by `clean_temporaries` at the next start. The host name is part of
+the name because processes on two machines (or two containers, pid 1 each) sharing a directory
+often have equal pids.
 """
 import glob
 import os
+import socket
 
-TMP_TAG = ".tmp."                         # <path>.tmp.<pid>: the pid tells whose temporary file it is
+TMP_TAG = ".tmp."                         # <path>.tmp.<pid>.<host>: whose temporary file it is
 
 
 def temporary_path(path):
-    return f"{path}{TMP_TAG}{os.getpid()}"
+    return f"{path}{TMP_TAG}{os.getpid()}.{socket.gethostname()}"
 
 
 def atomic_write(path, write, mode="wb"):
@@ -46,14 +49,21 @@ def _alive(pid):
     return True
 
 
-def clean_temporaries(directory, pattern="*"):
-    """Remove the temporary files `<pattern>.tmp.<pid>` in `directory` that no running process on
-    this machine is writing (their pid is gone); returns the removed paths, sorted. Temporary files
-    of live processes (another rank, or a writer on this machine) are left alone."""
-    removed = []
+def clean_temporaries(directory, pattern="*", all_hosts=False):
+    """Remove the temporary files `<pattern>.tmp.<pid>[.<host>]` in `directory` that no running
+    process on this machine is writing (their pid is gone); returns the removed paths, sorted.
+    Temporary files of live processes (another rank, or a writer on this machine) and of other
+    machines are left alone; all_hosts removes those of other machines too, for a caller that
+    knows it is the only writer of these files."""
+    removed, host = [], socket.gethostname()
     for p in sorted(glob.glob(os.path.join(glob.escape(directory), f"{pattern}{TMP_TAG}*"))):
-        pid = p.rsplit(TMP_TAG, 1)[1]
-        if not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
+        pid, _, writer = p.rsplit(TMP_TAG, 1)[1].partition(".")
+        if not pid.isdigit():
+            continue
+        if writer and writer != host:
+            if not all_hosts:
+                continue
+        elif int(pid) != os.getpid() and _alive(int(pid)):
             continue
         try:
             os.remove(p)

@@ -21,6 +21,10 @@ Weight and reference files (nothing downloads):
 import argparse
 import json
 import os
+import pickle
+import sys
+import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -47,8 +51,12 @@ class InceptionExtractor:
                 f"Inception weights not found at {path}. Download {INCEPTION_URL} and put it there "
                 "(or set PMF_INCEPTION_WEIGHTS to the file).")
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                               feature_extractor_weights_path=path).to(device).eval()
+        try:
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                   feature_extractor_weights_path=path).to(device).eval()
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as e:   # cut short
+            raise ValueError(f"Inception weights {path} cannot be read ({str(e)[:120]}): download "
+                             f"{INCEPTION_URL} again and put it there") from None
         self.device = device
 
     @torch.no_grad()
@@ -98,15 +106,33 @@ def precision_recall(fake_features, real_features, k=3):
     return out["precision"], out["recall"]
 
 
+def read_npz(path, names, remedy):
+    """{name: array} of the members `names` that the .npz archive at `path` holds, read in full; a
+    ValueError naming the file, the problem and `remedy` when it is not an .npz archive or is damaged."""
+    try:
+        z = np.load(path)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:   # not .npy/.npz, or cut short
+        raise ValueError(f"{path} is not a readable .npz archive ({str(e)[:80]}): {remedy}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a single .npy array, not an .npz archive: {remedy}")
+    try:
+        with z:
+            return {k: z[k] for k in names if k in z.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:   # a damaged member
+        raise ValueError(f"{path} is damaged ({str(e)[:80]}): {remedy}") from None
+
+
 def load_samples(path):
+    """arr_0 of an ADM-layout .npz: uint8 [N, H, W, C], C 3 (RGB) or 1 (grayscale)."""
+    remedy = "write one with sample.py --out x.npz"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"samples file {path!r} not found (write one with sample.py --out x.npz)")
-    with np.load(path) as z:
-        if "arr_0" not in z:
-            raise ValueError(f"{path} has no arr_0: expected the ADM layout (uint8 [N, H, W, C])")
-        arr = z["arr_0"]
-    if arr.dtype != np.uint8 or arr.ndim != 4:
-        raise ValueError(f"{path}: arr_0 is {arr.dtype} {arr.shape}; expected uint8 [N, H, W, C]")
+        raise FileNotFoundError(f"samples file {path!r} not found ({remedy})")
+    arr = read_npz(path, ["arr_0"], remedy).get("arr_0")
+    if arr is None:
+        raise ValueError(f"{path} has no arr_0: expected the ADM layout (uint8 [N, H, W, C]); {remedy}")
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] not in (1, 3) or not len(arr):
+        raise ValueError(f"{path}: arr_0 is {arr.dtype} {list(arr.shape)}; expected uint8 [N, H, W, C] with N > 0 "
+                         f"and C 3 or 1; {remedy}")
     return arr
 
 
@@ -124,8 +150,13 @@ def prepared_reference(root, extractor, image_size=None, batch=200, keep=10000):
     key = hashlib.sha256(json.dumps([name, [e["sha256"] for e in ds.manifest["shards"]]]).encode()).hexdigest()
     cache = os.path.join(root, f"fid_stats-{key[:16]}.npz") if name else None
     if cache and os.path.isfile(cache):
-        with np.load(cache) as z:
-            return {"mu": z["mu"], "sigma": z["sigma"]}, z["real"]
+        try:
+            z = read_npz(cache, ["mu", "sigma", "real"], "computed again")
+            if len(z) == 3:
+                return {"mu": z["mu"], "sigma": z["sigma"]}, z["real"]
+            warnings.warn(f"{cache} lacks {sorted({'mu', 'sigma', 'real'} - z.keys())}: computed again", stacklevel=2)
+        except ValueError as e:                        # a damaged cache costs a recomputation, not the run
+            warnings.warn(str(e), stacklevel=2)
     n = len(ds)
     kept = set(np.linspace(0, n - 1, min(keep, n)).round().astype(int).tolist())
     total = outer = None
@@ -169,14 +200,16 @@ def reference(ref, extractor, image_size=None, batch=200):
         size = image_size or 256
         raise FileNotFoundError(f"reference {ref!r} not found. For ImageNet {size}x{size} download "
                                 f"{ADM_REF_URL.format(size=size)} and pass its path with --ref.")
-    with np.load(ref) as z:
-        if "mu" in z and "sigma" in z:
-            st = {"mu": z["mu"].astype(np.float64), "sigma": z["sigma"].astype(np.float64)}
-            real = extract(extractor, z["arr_0"], batch)[0] if "arr_0" in z else None
-            return st, real
-        if "arr_0" in z:
-            pool, _ = extract(extractor, z["arr_0"], batch)
-            return stats(pool), pool
+    size = image_size or 256
+    z = read_npz(ref, ["mu", "sigma", "arr_0"], f"download the reference batch {ADM_REF_URL.format(size=size)} "
+                 "again, or pass another --ref")
+    if "mu" in z and "sigma" in z:
+        st = {"mu": z["mu"].astype(np.float64), "sigma": z["sigma"].astype(np.float64)}
+        real = extract(extractor, z["arr_0"], batch)[0] if "arr_0" in z else None
+        return st, real
+    if "arr_0" in z:
+        pool, _ = extract(extractor, z["arr_0"], batch)
+        return stats(pool), pool
     raise ValueError(f"{ref}: expected mu/sigma (ADM reference batch) or arr_0 images")
 
 
@@ -202,11 +235,18 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="metrics JSON (default: next to the samples)")
     a = p.parse_args(argv)
-    samples = load_samples(a.samples)
-    metrics = evaluate(samples, a.ref, InceptionExtractor(a.device, a.weights), a.batch, progress=True)
+    from .atomic import atomic_write
     out = a.out or os.path.splitext(a.samples)[0] + ".metrics.json"
-    with open(out, "w") as f:
-        json.dump(metrics, f, indent=2)
+    try:                                       # bad input: one line (the problem, the remedy), exit 1
+        samples = load_samples(a.samples)
+        metrics = evaluate(samples, a.ref, InceptionExtractor(a.device, a.weights), a.batch, progress=True)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    try:
+        atomic_write(out, lambda f: json.dump(metrics, f, indent=2), mode="w")
+    except OSError as e:
+        print(json.dumps(metrics, indent=2))
+        sys.exit(f"error: cannot write the metrics to {out} ({e.strerror or e}): pass --out with a writable path")
     print(json.dumps(metrics, indent=2))
     return metrics
 

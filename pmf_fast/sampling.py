@@ -189,13 +189,20 @@ class TrainSampling:
         self.fid_setup = None
         if cfg.train.eval_every:
             from .eval import InceptionExtractor, reference
-            try:
-                extractor = InceptionExtractor(device)
-                self.fid_setup = (extractor, reference(cfg.train.fid_ref, extractor, cfg.model.image_size)[0])
-            except (FileNotFoundError, ValueError) as e:
-                log(f"periodic FID skipped: {e}")
-            if not all(dist.all_gather_objects(self.fid_setup is not None)):   # every rank, or none
+            skip = None
+            # rank 0 alone reads or computes the reference statistics (and writes their cache): only
+            # it computes the FID; the others wait here, and stop with its line if it fails
+            with dist.agreed("computing the FID reference statistics"):
+                try:
+                    extractor = InceptionExtractor(device)
+                    ref_stats = reference(cfg.train.fid_ref, extractor, cfg.model.image_size)[0] if rank == 0 else None
+                    self.fid_setup = (extractor, ref_stats)
+                except (FileNotFoundError, ValueError) as e:
+                    skip = str(e)
+            skips = [s for s in dist.all_gather_objects(skip) if s]
+            if skips:                                                              # every rank, or none
                 self.fid_setup = None
+                log(f"periodic FID skipped: {skips[0]}")
 
     def sampling_model(self):
         """An unsharded copy holding the chosen EMA (or the raw weights); collective under FSDP2."""

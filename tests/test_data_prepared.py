@@ -241,6 +241,70 @@ def test_fid_statistics_from_a_prepared_dataset(prepared, monkeypatch):
     assert np.array_equal(cached["sigma"], st["sigma"])
 
 
+def test_a_damaged_fid_cache_is_computed_again(prepared, tmp_path):
+    from tests.test_eval import RandomExtractor
+    dst = str(tmp_path / "dst")
+    shutil.copytree(prepared[1], dst)
+    ex = RandomExtractor()
+    st, real = E.prepared_reference(dst, ex, SIZE, batch=5, keep=4)
+    (cache,) = [os.path.join(dst, n) for n in os.listdir(dst) if n.startswith("fid_stats-")]
+    whole = open(cache, "rb").read()
+    for damaged in (whole[: len(whole) // 2], b"", whole[:-8] + bytes(8)):       # cut short, empty, its tail lost
+        open(cache, "wb").write(damaged)
+        with pytest.warns(UserWarning, match=r"fid_stats-.*\.npz is (damaged|not a readable \.npz).*computed again"):
+            again, real_again = E.prepared_reference(dst, ex, SIZE, batch=5, keep=4)
+        assert np.array_equal(again["sigma"], st["sigma"]) and np.array_equal(real_again, real)
+        assert open(cache, "rb").read() == whole                                       # and written again
+    assert not [n for n in os.listdir(dst) if ".tmp." in n]
+
+
+def _fid_reference_ranks(rank, world, init_file, dst, out_dir):
+    """Rank `rank` sets up the periodic FID of a run on the prepared dataset (counting the images
+    this rank puts through the extractor), then again with rank 0's computation failing."""
+    import torch.distributed as dist
+
+    from pmf_fast import sampling
+    from pmf_fast.config import get_config
+    from pmf_fast.dist import RankFailed
+    from tests.test_dist import gloo_group
+    from tests.test_eval import RandomExtractor
+    cfg = get_config("pMF-XS/4-test")
+    cfg.train.eval_every, cfg.train.fid_ref, cfg.model.image_size = 1, dst, SIZE
+    E.InceptionExtractor = lambda device: RandomExtractor()
+    seen, real = [], E.extract
+    E.extract = lambda ex, images, *a, **k: (seen.append(len(images)), real(ex, images, *a, **k))[1]
+    lines = []
+    with gloo_group(rank, world, init_file):
+        ts = sampling.TrainSampling(cfg, None, None, out_dir, 10, "cpu", rank, world, lines.append)
+        ready = ts.fid_setup is not None and (ts.fid_setup[1] is not None) == (rank == 0)
+        E.prepared_reference = lambda *a: (_ for _ in ()).throw(RuntimeError("disk on fire"))
+        try:
+            sampling.TrainSampling(cfg, None, None, out_dir, 10, "cpu", rank, world, lines.append)
+            failure = None
+        except (RuntimeError, RankFailed) as e:
+            failure = f"{type(e).__name__}: {e}"
+        dist.barrier()
+    with open(os.path.join(out_dir, f"fid{rank}.json"), "w") as f:
+        json.dump({"seen": sum(seen), "ready": ready, "failure": failure, "lines": lines}, f)
+
+
+@pytest.mark.slow
+def test_one_rank_computes_the_fid_reference(prepared, tmp_path):
+    dst = str(tmp_path / "dst")
+    shutil.copytree(prepared[1], dst)
+    for name in os.listdir(dst):
+        if name.startswith("fid_stats-"):
+            os.remove(os.path.join(dst, name))
+    mp.start_processes(_fid_reference_ranks, args=(2, str(tmp_path / "init"), dst, str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    ranks = [json.load(open(tmp_path / f"fid{r}.json")) for r in range(2)]
+    assert [r["seen"] for r in ranks] == [13, 0] and all(r["ready"] for r in ranks)       # 13 images, once
+    assert len([n for n in os.listdir(dst) if n.startswith("fid_stats-")]) == 1
+    assert ranks[0]["failure"] == "RuntimeError: disk on fire"                 # its own error; the other rank
+    assert ranks[1]["failure"].startswith("RankFailed: rank 0 on ")            # stops with its line, no hang
+    assert ranks[1]["failure"].endswith("failed in computing the FID reference statistics: disk on fire")
+
+
 @pytest.mark.skipif(not HAVE_DALI, reason="pip install .[dali] brings NVIDIA DALI (CI installs it)")
 def test_dali_cpu_on_the_photo_folder_is_close_to_the_prepared_crop(prepared):
     src, dst, files, _ = prepared

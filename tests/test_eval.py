@@ -192,3 +192,80 @@ def test_periodic_fid_in_training(tmp_path, monkeypatch):
     rows = [json.loads(l) for l in open(os.path.join(run, "log.jsonl"))]
     fids = [(r["step"], r["fid_20"]) for r in rows if "fid_20" in r]
     assert [s for s, _ in fids] == [2, 4] and all(v > 0 for _, v in fids)
+
+
+def _eval_error(argv):
+    """The exit message of `python -m pmf_fast.eval argv` run through main()."""
+    with pytest.raises(SystemExit) as e:
+        E.main(argv)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+def test_eval_cli_bad_input_is_one_line(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    good = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=good)
+    ref = ["--ref", str(tmp_path / "ref.npz"), "--device", "cpu"]
+    cases = {"float.npz": dict(arr_0=rng.random((4, 16, 16, 3)).astype(np.float32)),
+             "flat.npz": dict(arr_0=good[:, :, :, 0]),
+             "rgba.npz": dict(arr_0=np.concatenate([good, good[..., :1]], -1)),
+             "empty.npz": dict(arr_0=good[:0]),
+             "named.npz": dict(images=good)}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+    expect = {"float.npz": "arr_0 is float32 [4, 16, 16, 3]; expected uint8", "flat.npz": "expected uint8 [N, H, W, C]",
+              "rgba.npz": "C 3 or 1", "empty.npz": "N > 0", "named.npz": "has no arr_0"}
+    for name, words in expect.items():
+        assert words in _eval_error([str(tmp_path / name), *ref]), name
+    (tmp_path / "text.npz").write_text("not an archive")
+    assert "text.npz is not a readable .npz archive" in _eval_error([str(tmp_path / "text.npz"), *ref])
+    whole = (tmp_path / "ref.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) // 2])                   # a copy cut short
+    assert "cut.npz is not a readable .npz archive" in _eval_error([str(tmp_path / "cut.npz"), *ref])
+    np.save(tmp_path / "one.npy", good)
+    assert "single .npy array" in _eval_error([str(tmp_path / "one.npy"), *ref])
+    assert "sample.py --out" in _eval_error([str(tmp_path / "missing.npz"), *ref])
+    # a damaged reference batch names its source; missing or damaged Inception weights name theirs
+    msg = _eval_error([str(tmp_path / "ref.npz"), "--ref", str(tmp_path / "cut.npz"), "--weights", "x"])
+    assert "weights-inception" in msg and "not found" in msg
+    monkeypatch.setattr(E, "InceptionExtractor", lambda device, weights: RandomExtractor())
+    assert "VIRTUAL_imagenet" in _eval_error([str(tmp_path / "ref.npz"), "--ref", str(tmp_path / "cut.npz")])
+    monkeypatch.undo()
+    (tmp_path / "w.pth").write_bytes(b"\x80\x02 half a weight file")
+    msg = _eval_error([str(tmp_path / "ref.npz"), *ref, "--weights", str(tmp_path / "w.pth")])
+    assert "cannot be read" in msg and E.INCEPTION_URL in msg
+
+
+def test_eval_cli_error_exits_without_a_traceback(tmp_path):
+    np.savez(tmp_path / "bad.npz", arr_0=np.ones((2, 4, 4, 3), dtype=np.int64))
+    res = subprocess.run([sys.executable, "-m", "pmf_fast.eval", str(tmp_path / "bad.npz"), "--ref", "r.npz"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [f"error: {tmp_path / 'bad.npz'}: arr_0 is int64 [2, 4, 4, 3]; expected "
+                                               "uint8 [N, H, W, C] with N > 0 and C 3 or 1; write one with sample.py "
+                                               "--out x.npz"]
+
+
+def test_temporary_names_are_unique_per_host_and_pid(tmp_path, monkeypatch):
+    """Two containers (pid 1 each) writing one FID cache on shared storage use two temporary files,
+    and neither removes the other's."""
+    import socket
+
+    from pmf_fast.atomic import clean_temporaries, temporary_path
+    path = str(tmp_path / "fid_stats-x.npz")
+    with monkeypatch.context() as m:
+        m.setattr(os, "getpid", lambda: 1)
+        m.setattr(socket, "gethostname", lambda: "node-a")
+        a = temporary_path(path)
+        m.setattr(socket, "gethostname", lambda: "node-b.cluster")
+        b = temporary_path(path)
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-b.cluster")            # this host from here on
+    assert a != b and a.startswith(path + ".tmp.1.") and b.endswith(".node-b.cluster")
+    for p in (a, b, path + ".tmp.999999999"):                         # the last: the old name, a dead pid here
+        open(p, "w").write("part")
+    assert clean_temporaries(str(tmp_path)) == [path + ".tmp.999999999"]     # node-a's is not ours to remove
+    assert clean_temporaries(str(tmp_path), all_hosts=True) == [a]           # node-b is this host; pid 1 lives
+    assert os.path.exists(b)

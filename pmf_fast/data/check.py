@@ -13,7 +13,6 @@ dataset (`python -m pmf_fast.data prepare`) needs no scan at all: its manifest l
 import hashlib
 import json
 import os
-import socket
 import threading
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -85,6 +84,8 @@ def inspect_image(path):
         rgb = load_rgb(path)                                      # full decode: catches truncation
     except FileNotFoundError:
         return "file not found (deleted after the listing?)", None, None
+    except PermissionError:
+        return "not readable (permission denied)", None, None
     except Image.UnidentifiedImageError:
         return "not an image", None, None
     except DecompressionBomb as e:
@@ -120,13 +121,9 @@ def _read_cache(path):
 
 
 def _write_cache(path, out):
-    # atomic_write's temporary name carries the pid only; containers on two hosts sharing a cache
-    # directory often have equal pids, so the host name keeps their temporary files apart
-    unique = f"{path}.{socket.gethostname()}.{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(unique, lambda f: json.dump(out, f), mode="w")
-        os.replace(unique, path)
+        atomic_write(path, lambda f: json.dump(out, f), mode="w")
     except OSError:                                               # a read-only cache only costs a rescan
         pass
 
