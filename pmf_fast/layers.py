@@ -26,9 +26,10 @@ from kernels.patch_embed import patch_embed_jvp
 
 
 def compute_dtype(x):
-    """The dtype autocast would run a matmul on x in (x's own dtype outside autocast)."""
+    """The dtype autocast would run a matmul on x in: x's own outside autocast and for fp64 (which
+    autocast leaves alone)."""
     kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) and x.dtype != torch.float64 else x.dtype
 
 
 class LinearJVP(torch.autograd.Function):
@@ -86,23 +87,38 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm, eps 1e-6, computed in fp32 and cast back."""
+    """RMSNorm, eps 1e-6. Statistics in fp32; under autocast the result is the fp32 product with the
+    weight rounded once to the autocast dtype, outside autocast x's dtype times the weight.
+
+    Why the autocast dtype: the q/k norms feed attention (through RoPE, which keeps the dtype), and
+    autocast casts matmuls, not custom kernels or elementwise products. Returning x's dtype times the
+    fp32 weight promoted the bf16 projections to fp32, and every attention call of a bf16 step then
+    ran the fp32 kernels: IEEE dots without tensor cores, the forward+tangent kernel spilling
+    3.2-4.6 KiB per thread, and the two-pass Triton backward instead of PyTorch's flash backward,
+    which takes fp16/bf16 only (kernels/attention.py BACKWARD). The official JAX model keeps fp32
+    activations and parameters, and TPUs run its fp32 matmuls as bf16 passes by default: autocast
+    with fp32 parameters and statistics, matmuls and attention in bf16, is the same split."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def _scaled(self, y32, like):
+        """y32 (fp32, fp64 for fp64 inputs) times the weight, in the dtype the next op computes in."""
+        if torch.is_autocast_enabled(like.device.type):
+            return (y32 * self.weight).to(compute_dtype(like))
+        return y32.to(like.dtype) * self.weight          # unchanged outside autocast, bit for bit
+
     def forward(self, x):
         x32 = upcast(x)
-        y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight
+        return self._scaled(x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps), x)
 
     def jvp(self, x, x_dot):
         with torch.no_grad():
             x32, d32 = upcast(x.detach()), upcast(x_dot)
             r = torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
-            y_dot = (d32 * r - x32 * r.pow(3) * (x32 * d32).mean(-1, keepdim=True)).to(x_dot.dtype) * self.weight
+            y_dot = self._scaled(d32 * r - x32 * r.pow(3) * (x32 * d32).mean(-1, keepdim=True), x_dot)
         return self(x), y_dot
 
 
