@@ -87,7 +87,7 @@ def test_batches_are_world_size_invariant_and_resume_exactly(prepared):
         assert torch.equal(x, ex) and torch.equal(y, ey)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned buffers and CUDA events need a GPU")
+@pytest.mark.gpu(reason="the pinned buffers and CUDA events need a GPU")
 def test_cuda_batches_equal_the_cpu_ones(prepared):
     dst = prepared[1]
     cpu = make_loader(dst, SIZE, 5, 0, 1, 0, "cpu", log=lambda s: None, flip=True)[0]
