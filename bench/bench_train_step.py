@@ -36,6 +36,7 @@ CASES = ([("pMF-XS/4-test", 4, v) for v in VARIANTS] if SMOKE else     # check k
          [("pMF-B/16", b, v) for b in (128, 64) for v in VARIANTS]
          + [("pMF-L/16", 64, "fast"), ("pMF-H/16", 32, "fast")])
 _GEMM = {}
+_COMPILED = {}                                  # the preset whose graphs Dynamo holds now
 # the smoke run checks the code with the smallest ConvNeXt-V2 (base: 22 s of the CPU smoke run)
 CONVNEXT = "convnextv2_atto" if SMOKE else "convnextv2_base"
 
@@ -60,6 +61,12 @@ def measure(preset, variant, batch, steps=8):
                  "objective.perceptual_weights=random"]
     cfg = get_config(preset, overrides)
     m, dev = cfg.model, device()
+    if _COMPILED.get("preset") != preset:
+        # Dynamo keeps at most 8 graphs per function (recompile_limit) and a block graph per mode and
+        # batch size: B/16's two batch sizes use 6, so L/16's would be the 9th, and the compiled
+        # Newton-Schulz (4-5 shapes per preset) would fall back to eager. A new preset starts clean.
+        torch._dynamo.reset()
+        _COMPILED["preset"] = preset
     torch.manual_seed(0)
     model = PMFDiT(m).to(dev).set_impl(impl)
     # the CPU smoke run skips compiling (tests/test_compile.py covers it)

@@ -4,6 +4,11 @@ with its p20/p80 and its baseline, how each stage (benchmarks, GPU test files) e
 failure by name and message.
 
     python bench/report.py ROWS.jsonl CHECK.log PREFIX [--status TEXT] [--seconds N]
+    python bench/report.py --stamp     # where git is: write bench/results/COMMIT before the tree is copied
+
+The commit: $PMF_COMMIT, else bench/results/COMMIT (written by --stamp), else `git rev-parse` where
+git and .git exist, else "unknown". The GPU machine has no git and its copy of the tree no .git, so
+the report never needs either.
 
 Either input may be missing or cut off mid-line (a check killed partway): the report keeps
 whatever was written. bench/gpu_check.sh runs this after every stage and from its exit trap.
@@ -19,6 +24,10 @@ import os
 import platform
 import re
 import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMIT_FILE = os.path.join(ROOT, "bench", "results", "COMMIT")
 
 # (header, key) of the benchmark table; header and separator are both built from this one list
 COLUMNS = [("group", "group"), ("case", "name"), ("median", "ms"), ("p20", "p20_ms"), ("p80", "p80_ms"),
@@ -58,8 +67,8 @@ def read_stages(path):
     for r in runs:
         lines = r.pop("lines")
         summary = next((l.strip("= ") for l in reversed(lines)
-                        if re.search(r"\d+ (passed|failed|error|skipped|deselected)", l)), "")
-        r["failures"] = [l for l in lines if l.startswith(("FAILED ", "ERROR "))]
+                        if re.search(r"\d+ (passed|failed|error|skipped|deselected)|checks within bound", l)), "")
+        r["failures"] = [l for l in lines if l.startswith(("FAILED ", "ERROR ", "FAIL "))]   # FAIL: selftest
         code = r["exit"]
         if r["limit"] == 0:
             r["result"] = "skipped: the time budget was spent"
@@ -85,8 +94,41 @@ def details(row):
     return ", ".join(f"{k}={v}" for k, v in row.items() if k not in NOT_DETAILS and v is not None)
 
 
+def git_commit():
+    """The short commit of this tree, "-dirty" when it has uncommitted changes, or None without git."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        head = run("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):     # no git on PATH
+        return None
+
+
+def commit():
+    if os.environ.get("PMF_COMMIT"):
+        return os.environ["PMF_COMMIT"]
+    try:
+        with open(COMMIT_FILE) as f:
+            return f.read().strip() + " (bench/results/COMMIT)"
+    except OSError:
+        pass
+    return git_commit() or "unknown (no git here: set PMF_COMMIT or run bench/report.py --stamp before copying)"
+
+
+def stamp():
+    """Write bench/results/COMMIT from git, for a copy of the tree that will have no git."""
+    c = git_commit()
+    if c is None:
+        raise SystemExit("report.py --stamp: no git repository here; set PMF_COMMIT where the check runs instead")
+    os.makedirs(os.path.dirname(COMMIT_FILE), exist_ok=True)
+    write_atomic(COMMIT_FILE, c + "\n")
+    return c
+
+
 def meta(status, seconds):
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     try:
         import torch
         card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -98,7 +140,7 @@ def meta(status, seconds):
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    return {"date": datetime.date.today().isoformat(), "commit": commit, "card": card, "torch": torch_version,
+    return {"date": datetime.date.today().isoformat(), "commit": commit(), "card": card, "torch": torch_version,
             "triton": triton_version, "cuda": cuda, "python": platform.python_version(),
             "status": status, "seconds": seconds}
 
@@ -146,6 +188,9 @@ def main(rows_path, log_path, prefix, status="complete", seconds=None):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--stamp"]:
+        print(f"{COMMIT_FILE}: {stamp()}")
+        sys.exit(0)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("rows")
     ap.add_argument("log")

@@ -89,3 +89,85 @@ def test_check_writes_its_report_when_killed(tmp_path):
     assert "Status: killed (SIGTERM) during: " in md, md
     for r in map(json.loads, rows):
         assert r["name"] in md
+
+
+def test_report_needs_no_git(tmp_path, monkeypatch):
+    """The GPU machine has no git and its copy of the tree no .git: the commit comes from
+    $PMF_COMMIT, else bench/results/COMMIT, else "unknown", and the report is written either way."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))           # no git (nor anything else) on PATH
+    monkeypatch.delenv("PMF_COMMIT", raising=False)
+    monkeypatch.setattr(report, "COMMIT_FILE", str(tmp_path / "COMMIT"))
+    assert report.git_commit() is None
+    md = report.main(str(tmp_path / "none.jsonl"), str(tmp_path / "none.log"), str(tmp_path / "out"))
+    assert "commit unknown (no git here: set PMF_COMMIT" in md and (tmp_path / "out.json").exists()
+    (tmp_path / "COMMIT").write_text("abc1234-dirty\n")
+    assert report.commit() == "abc1234-dirty (bench/results/COMMIT)"
+    monkeypatch.setenv("PMF_COMMIT", "def5678")
+    assert json.loads(open(report.main(None, None, str(tmp_path / "o2")) and str(tmp_path / "o2.json")).read()
+                      )["meta"]["commit"] == "def5678"
+
+
+def test_report_keeps_long_failure_lines_and_the_selftest(tmp_path):
+    long = "FAILED tests/test_x.py::test_y[case] - AssertionError: " + "o_dot: error 3.1e-02 > 2 x eager " * 6
+    log = tmp_path / "check.log"
+    log.write_text("=== selftest (limit 120 s)\nok   attention o: err 1e-3 <= bound 2e-3\n"
+                   "FAIL attention (4, 12, 276, 64) bfloat16 o_dot: err 9.0e-02 > bound 1.2e-02\n"
+                   "selftest: 137 of 138 checks within bound in 41.0 s; FAILED: attention (4, 12, 276, 64) "
+                   "bfloat16 o_dot\n=== exit 1 after 44 s\n"
+                   f"=== GPU tests: tests/test_x.py (limit 30 s)\n{long}\n1 failed in 3.00s\n=== exit 1 after 4 s\n")
+    md = report.main(None, str(log), str(tmp_path / "out"))
+    assert "| selftest | 120 | selftest: 137 of 138 checks within bound" in md
+    assert "- `FAIL attention (4, 12, 276, 64) bfloat16 o_dot: err 9.0e-02 > bound 1.2e-02`" in md
+    assert f"- `{long}`" in md and "Failures (2):" in md
+
+
+def _copy_without_git(dst):
+    """The tree as the GPU machine gets it: the files, no .git."""
+    import shutil
+    for name in ("bench", "kernels", "pmf_fast", "tests", "train.py", "sample.py", "pytest.ini", "setup.py"):
+        src = os.path.join(ROOT, name)
+        copy = shutil.copytree if os.path.isdir(src) else shutil.copy
+        copy(src, os.path.join(dst, name), **({"ignore": shutil.ignore_patterns("__pycache__", "results")}
+                                               if os.path.isdir(src) else {}))
+
+
+def _path_without(tmp_path, *names):
+    """A PATH with every command of this one except `names`, and python3 as this interpreter."""
+    import sys
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for d in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(d):
+            continue
+        for f in os.listdir(d):
+            target = os.path.join(d, f)
+            if f not in names and not (bin_dir / f).exists() and os.access(target, os.X_OK):
+                (bin_dir / f).symlink_to(target)
+    (bin_dir / "python3").unlink(missing_ok=True)
+    (bin_dir / "python3").symlink_to(sys.executable)
+    return str(bin_dir)
+
+
+@pytest.mark.slow
+def test_check_runs_without_git_and_with_python3_only(tmp_path):
+    """The dry check in a copy of the tree with no .git, no git and no `python` on PATH (python3
+    only, as on the GPU machine): it ends complete, the self-test first, and writes its report."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    _copy_without_git(tree)
+    path = _path_without(tmp_path, "git", "python")
+    env = dict(os.environ, PATH=path, PMF_GPU_CHECK_DRY="1", PMF_RESULTS_DIR=str(tmp_path / "results"),
+               PMF_GPU_CHECK_SECONDS="40", PYTHONPATH=str(tree))
+    env.pop("OUT", None)
+    env.pop("PMF_COMMIT", None)
+    proc = subprocess.run(["bash", str(tree / "bench" / "gpu_check.sh"), "--quick"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    md = next((tmp_path / "results").glob("*.md")).read_text()
+    assert "Status: complete" in md and "commit unknown (no git here" in md, md
+    stages = md.split("## Stages")[1].splitlines()
+    first = next(l for l in stages if l.startswith("| ") and not l.startswith("| stage |"))
+    assert first.startswith("| selftest | ") and "checks within bound" in first, md
+    assert "No failures reported." in md
+    saved = json.loads(next((tmp_path / "results").glob("*.selftest.json")).read_text())
+    assert saved["ok"] and saved["checks"]
