@@ -11,6 +11,7 @@ import torch
 from kernels.attention import upcast
 
 from .config import ObjectiveConfig
+from .perceptual import start_host_copy
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -157,6 +158,9 @@ def pmf_loss(model, x, y, d: Draws, cfg: ObjectiveConfig, num_classes: int, perc
     forward) or "eager" / "fast" (explicit tangents through forward; which kernels run is the
     model's set_impl). Returns (scalar loss, dict of logged terms)."""
     t, r = d.t, d.r
+    use_perceptual = perceptual is not None and (cfg.lpips_weight > 0 or cfg.convnext_weight > 0)
+    if use_perceptual:                                # official: strict; read after the forward is queued
+        keep = start_host_copy(t < cfg.perceptual_max_t)
     z = (1 - _b(t)) * x + _b(t) * d.e
     v_t = (z - x) / _b(t.clamp(min=cfg.t_eps))
     v_g, v_c = cfg_targets(model, z, t, d.omega, d.t_min, d.t_max, y, v_t, num_classes, cfg.cfg_max > 0)
@@ -174,16 +178,15 @@ def pmf_loss(model, x, y, d: Draws, cfg: ObjectiveConfig, num_classes: int, perc
     loss_u, loss_v = adp(err_u.sum((1, 2, 3))), adp(err_v.sum((1, 2, 3)))
     total = loss_u + loss_v
     logs = {"loss_u": err_u.mean().detach(), "loss_v": err_v.mean().detach()}
-    if perceptual is not None and (cfg.lpips_weight > 0 or cfg.convnext_weight > 0):
+    if use_perceptual:
         x_hat = z - _b(t) * u                         # = the u-head's x prediction for t >= t_eps
-        mask = (t < cfg.perceptual_max_t).float()     # official: strict
-        lp, cn = perceptual(x_hat, x, d.crop_seed)
+        lp, cn = perceptual(x_hat, x, d.crop_seed, keep())    # 0 where t >= perceptual_max_t
         if lp is not None:
-            total = total + cfg.lpips_weight * adp(lp * mask)
-            logs["lpips"] = (lp * mask).mean().detach()
+            total = total + cfg.lpips_weight * adp(lp)
+            logs["lpips"] = lp.mean().detach()
         if cn is not None:
-            total = total + cfg.convnext_weight * adp(cn * mask)
-            logs["convnext"] = (cn * mask).mean().detach()
+            total = total + cfg.convnext_weight * adp(cn)
+            logs["convnext"] = cn.mean().detach()
     loss = total.mean()
     logs["loss"] = loss.detach()
     return loss, logs

@@ -21,7 +21,6 @@ import re
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def _torch_home():
@@ -86,28 +85,30 @@ def _keys_cubic(x, a=-0.5):
     return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-def resize_weights(start, length, size):
-    """Bicubic antialias taps of a 1-d resize of each window [start, start + length) to `size`, as
-    aten computes them (F.interpolate(mode="bicubic", antialias=True, align_corners=False)):
-    scale = length / size; output i is centred at scale (i + 1/2); the kernel is stretched by the
-    scale when downsampling (support 2 scale, else 2), its window clipped to the input, and its
-    weights normalised to sum 1. Host-side, fp64.
-    start, length: int64 [n]. Returns (index [n, size, K] into the whole axis, weight [n, size, K]),
+def resize_weights(start, length, size, side):
+    """Bicubic antialias taps of a 1-d crop-and-resize of each window [start, start + length) of an
+    axis of `side` pixels to `size`, as the official code resamples (utils/auxloss_util.py:
+    jax.image.scale_and_translate over the whole image, method "cubic", antialias): with
+    s = length / size, output i is centred at c = start + (i + 1/2) s - 1/2 in pixel indices, and its
+    weights are the Keys cubic (a = -0.5) of (c - j) / max(s, 1) over every pixel j of the axis
+    (support 2 max(s, 1): widened when downsampling), normalised to sum 1. So near a window's edge
+    the taps read pixels outside the window; only the image's edges cut the kernel. (jax also zeroes
+    an output whose centre lies outside [-1/2, side - 1/2] and a row whose weights sum to about 0:
+    neither happens for a window inside the image.) Host-side, fp64.
+    start, length: int64 [n]. Returns (index [n, size, K] into the axis, weight [n, size, K]),
     K the widest window; the padding taps have weight 0."""
     length = length.double()[:, None, None]
     scale = length / size
-    down = scale >= 1
-    support = torch.where(down, 2 * scale, torch.full_like(scale, 2.0))
-    inv = torch.where(down, 1 / scale, torch.ones_like(scale))
-    center = scale * (torch.arange(size, dtype=torch.float64)[None, :, None] + 0.5)
-    lo = (center - support + 0.5).trunc().clamp(min=0)          # aten's int64 casts truncate
-    hi = torch.minimum((center + support + 0.5).trunc(), length)
-    k = torch.arange(int((hi - lo).max()), dtype=torch.float64)
-    j = lo + k                                                   # [n, size, K] positions in the window
-    wt = torch.where(j < hi, _keys_cubic((j - center + 0.5) * inv), torch.zeros(()))
-    wt = wt / wt.sum(-1, keepdim=True).clamp(min=1e-300)
-    idx = torch.minimum(j, length - 1).long() + start[:, None, None]
-    return idx, wt
+    widen = scale.clamp(min=1)                                  # antialias: the kernel is stretched
+    i = torch.arange(size, dtype=torch.float64)[None, :, None]
+    center = start.double()[:, None, None] + scale * (i + 0.5) - 0.5
+    lo = (torch.floor(center - 2 * widen) + 1).clamp(min=0)     # first pixel strictly inside the support
+    hi = torch.minimum(torch.ceil(center + 2 * widen) - 1, torch.full_like(center, side - 1))
+    k = torch.arange(int((hi - lo).max()) + 1, dtype=torch.float64)
+    j = lo + k                                                   # [n, size, K] pixels of the axis
+    wt = torch.where(j <= hi, _keys_cubic((center - j) / widen), torch.zeros(()))
+    wt = wt / wt.sum(-1, keepdim=True)
+    return torch.minimum(j, hi).long(), wt
 
 
 def resize_matrices(windows, h, w, size, device, dtype):
@@ -116,7 +117,7 @@ def resize_matrices(windows, h, w, size, device, dtype):
     on the host and copied asynchronously (pinned) before a scatter on the device: no device sync."""
     out = []
     for start, length, side in ((windows[:, 0], windows[:, 2], h), (windows[:, 1], windows[:, 3], w)):
-        idx, wt = resize_weights(start, length, size)
+        idx, wt = resize_weights(start, length, size, side)
         wt = wt.to(dtype)
         if torch.device(device).type == "cuda":
             idx, wt = idx.pin_memory(), wt.pin_memory()
@@ -128,12 +129,12 @@ def resize_matrices(windows, h, w, size, device, dtype):
 
 def crop_resize(images, windows, size=224):
     """Crop window i of sample i of each image batch in `images` (same shape [n, C, h, w]) and resize
-    it to size x size (bicubic, antialias) as two batched matmuls: out_i = Ry_i @ image_i @ Rx_i^T.
-    Equal to crop_resize_ref (tests/test_perceptual.py: values and input gradients); at batch 128,
-    256 px it replaces the per-sample loop's ~1000 launches per forward+backward (bench/README.md).
-    Computes in fp32 (fp64 inputs: fp64) outside autocast, so the resampling never runs in bf16 (with
-    TF32 allowed, as train.py allows it on GPUs, the matmuls round to TF32: finer than the bf16 the
-    networks then see under autocast)."""
+    it to size x size (the official bicubic antialias rule, resize_weights) as two batched matmuls:
+    out_i = Ry_i @ image_i @ Rx_i^T. Equal to crop_resize_ref (tests/test_perceptual.py: values and
+    input gradients); at batch 128, 256 px it replaces a per-sample loop's ~1000 launches per
+    forward+backward (bench/README.md). Computes in fp32 (fp64 inputs: fp64) outside autocast, so the
+    resampling never runs in bf16 (with TF32 allowed, as train.py allows it on GPUs, the matmuls
+    round to TF32: finer than the bf16 the networks then see under autocast)."""
     h, w = images[0].shape[-2:]
     dtype = torch.promote_types(images[0].dtype, torch.float32)
     ry, rx = resize_matrices(windows, h, w, size, images[0].device, dtype)
@@ -143,22 +144,36 @@ def crop_resize(images, windows, size=224):
         return tuple(ry[:, None] @ (x.to(dtype) @ rx[:, None].transpose(-1, -2)) for x in images)
 
 
+def resample_matrix_ref(start, length, size, side, dtype=torch.float64):
+    """The official rule written out: row i holds, for every pixel j of the axis, the Keys cubic of
+    (c_i - j) / max(s, 1), c_i = start + (i + 1/2) s - 1/2, s = length / size, normalised to sum 1."""
+    s = length / size
+    rows = []
+    for i in range(size):
+        c = start + (i + 0.5) * s - 0.5
+        row = _keys_cubic((c - torch.arange(side, dtype=torch.float64)) / max(s, 1.0))
+        rows.append(row / row.sum())
+    return torch.stack(rows).to(dtype)
+
+
 def crop_resize_ref(images, windows, size=224):
-    """The eager reference: per sample a slice, a stack and F.interpolate (bicubic, antialias)."""
+    """The eager reference of crop_resize: per sample, the dense resampling matrices of both axes
+    from the formula (resample_matrix_ref) applied to the whole image."""
+    h, w = images[0].shape[-2:]
     dtype = torch.promote_types(images[0].dtype, torch.float32)
     outs = [[] for _ in images]
     for i, (top, left, ch, cw) in enumerate(windows.tolist()):
-        crops = torch.stack([x[i, :, top:top + ch, left:left + cw] for x in images])
-        crops = F.interpolate(crops.to(dtype), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        for out, c in zip(outs, crops):
-            out.append(c)
+        ry = resample_matrix_ref(top, ch, size, h, dtype).to(images[0].device)
+        rx = resample_matrix_ref(left, cw, size, w, dtype).to(images[0].device)
+        for out, x in zip(outs, images):
+            out.append(ry @ x[i].to(dtype) @ rx.T)
     return tuple(torch.stack(out) for out in outs)
 
 
 def paired_random_resized_crop(a, b, seed, size=224, mode="official", ref=False):
     """The same random crop of each image pair, resized to size x size (bicubic, antialias). One
     window per sample, drawn from a CPU generator seeded with `seed` (no device sync). ref: the
-    per-sample F.interpolate loop (crop_resize_ref) instead of the batched matmuls."""
+    per-sample dense formula (crop_resize_ref) instead of the batched matmuls."""
     windows = crop_windows(a.shape[-2], a.shape[-1], a.shape[0], seed, mode)
     return (crop_resize_ref if ref else crop_resize)((a, b), windows, size)
 
@@ -242,26 +257,80 @@ def convnext_features(net, x):
     return net.forward_head(net.forward_features(x), pre_logits=True)
 
 
+# ----------------------------------------------------------------------------- kept samples
+# The networks run on the samples with t < perceptual_max_t only (the rest are multiplied by 0 in
+# the loss: about a third at the B/16 time sampler, pmf_fast/flops.py kept_fraction), their count
+# rounded up to a multiple of ceil(n / PERCEPTUAL_BUCKETS): at most 8 batch shapes, within
+# torch._dynamo's default recompile limit of 8 should the networks be compiled, for on average
+# half a bucket (1/16 of the batch) of padding rows.
+PERCEPTUAL_BUCKETS = 8
+
+
+def kept_rows(keep, buckets=PERCEPTUAL_BUCKETS):
+    """The rows the networks run on for the host bool mask keep [n]: the kept samples in order, then
+    dropped ones as padding up to the kept count rounded up to a multiple of ceil(n / buckets).
+    Returns (rows int64 [m], the kept count k <= m)."""
+    n = keep.numel()
+    kept, dropped = keep.nonzero().flatten(), (~keep).nonzero().flatten()
+    step = -(-n // buckets)
+    return torch.cat([kept, dropped])[:min(n, -(-len(kept) // step) * step)], len(kept)
+
+
+def start_host_copy(x):
+    """Queue a copy of x to the host; returns a function that waits for it and gives the copy. On a
+    GPU read it after queuing more work: pmf_loss queues the copy of the kept-sample mask before the
+    model's forward and reads it after, so the wait ends while the GPU still runs that forward and
+    the GPU does not idle for it (the one host sync the gather needs: its shapes are the count)."""
+    if x.device.type != "cuda":
+        return lambda: x.cpu()
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def read():
+        done.synchronize()
+        return host
+    return read
+
+
 class PerceptualLoss(nn.Module):
     """Per-sample LPIPS and ConvNeXt feature distances; a term whose weight is 0 is not built."""
 
     def __init__(self, lpips_weight, convnext_weight, weights="pretrained", convnext_name="convnextv2_base",
-                 crop="official"):
+                 crop="official", size=224):
         super().__init__()
         if crop not in CROP_MODES:
             raise ValueError(f"crop mode {crop!r}: use one of {CROP_MODES}")
         self.crop = crop                               # objective.perceptual_crop
+        self.size = size                               # crop side the networks see (224 as trained)
         self.lpips = build_lpips(weights) if lpips_weight > 0 else None
         self.convnext = build_convnext(weights, convnext_name) if convnext_weight > 0 else None
 
-    def forward(self, x_hat, x, seed: int):
-        a, b = paired_random_resized_crop(x_hat, x, seed, mode=self.crop)
-        a = a.to(x_hat.dtype)
-        b = b.to(x_hat.dtype)
+    def distances(self, a, b):
+        """(LPIPS [m], ConvNeXt [m]) of the cropped pairs a, b [m, C, size, size]; None for a term off."""
         if a.shape[1] == 1:                            # grayscale data: the nets take RGB
             a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
         lp = self.lpips(a, b).flatten() if self.lpips is not None else None
         cn = None
         if self.convnext is not None:
-            cn = (convnext_features(self.convnext, a) - convnext_features(self.convnext, b)).float().square().sum(-1)
+            diff = convnext_features(self.convnext, a) - convnext_features(self.convnext, b)
+            cn = diff.to(torch.promote_types(diff.dtype, torch.float32)).square().sum(-1)    # bf16 -> fp32
         return lp, cn
+
+    def forward(self, x_hat, x, seed: int, keep=None):
+        """Per-sample distances [n] of x_hat and x under the paired crop of `seed`. keep: a host bool
+        mask [n] (start_host_copy); the crop and the networks then run on the kept samples only
+        (kept_rows) and the other samples get exactly 0, as multiplying by the mask gives. Every
+        sample keeps its window: all n are drawn, in order, and the kept ones picked."""
+        n, dev = x_hat.shape[0], x_hat.device
+        windows = crop_windows(x_hat.shape[-2], x_hat.shape[-1], n, seed, self.crop)
+        rows, k = kept_rows(torch.ones(n, dtype=torch.bool) if keep is None else keep.cpu())
+        if k == 0:                                     # nothing below the threshold: no crop, no networks
+            zero = x_hat.new_zeros(n, dtype=torch.promote_types(x_hat.dtype, torch.float32))
+            return tuple(None if net is None else zero for net in (self.lpips, self.convnext))
+        rows_dev = (rows.pin_memory() if dev.type == "cuda" else rows).to(dev, non_blocking=True)
+        a, b = crop_resize((x_hat[rows_dev], x[rows_dev]), windows[rows], self.size)
+        dists = self.distances(a.to(x_hat.dtype), b.to(x_hat.dtype))
+        # the padding rows (past k) are dropped, so no gradient reaches them
+        return tuple(None if d is None else d.new_zeros(n).index_copy(0, rows_dev[:k], d[:k]) for d in dists)

@@ -272,3 +272,42 @@ def test_one_step_generation_is_x_prediction():
     assert torch.allclose(generate(model, noise, y, 2.0, 0.1, 0.8, 1), (noise - u).clamp(-1, 1))
     two = generate(model, noise, y, 2.0, 0.1, 0.8, 2)
     assert two.shape == noise.shape and not torch.allclose(two, generate(model, noise, y, 2.0, 0.1, 0.8, 1))
+
+
+@pytest.mark.parametrize("kept", [0, 5, 10])
+def test_perceptual_on_kept_samples_equals_the_masked_loss(kept):
+    """The perceptual networks on the samples with t < perceptual_max_t only (gathered, padded to a
+    bucket, scattered back) give the loss, the logged terms and every gradient of running them on
+    every sample and multiplying by the mask, as the official code does (fp64; batch 10: 5 kept run
+    as 6 rows, one of them padding)."""
+    from pmf_fast.perceptual import PerceptualLoss
+    cfg, model, x, y, d = tiny_setup(B=10, lpips_weight=0.4, convnext_weight=0.1)
+    o = cfg.objective
+    order = torch.randperm(10)
+    d.t = torch.where(order < kept, torch.rand(10) * o.perceptual_max_t, o.perceptual_max_t + torch.rand(10) * 0.2)
+    d.t[order == kept] = o.perceptual_max_t               # the threshold itself is dropped (no-op at 10)
+    d.t, d.r = d.t.double(), (d.t * torch.rand(10)).double()
+    loss_fn = wake_up(PerceptualLoss(0.4, 0.1, "random", "convnextv2_atto", size=32).double())
+    calls = []
+
+    def gathered(x_hat, x_, seed, keep):
+        calls.append(int(keep.sum()))
+        return loss_fn(x_hat, x_, seed, keep)
+
+    def masked(x_hat, x_, seed, keep):                # every sample through the networks, then x mask
+        return tuple(v * keep.to(v.dtype) for v in loss_fn(x_hat, x_, seed))
+
+    out = {}
+    for name, fn in (("gathered", gathered), ("masked", masked)):
+        model.zero_grad()
+        loss, logs = pmf_loss(model, x, y, d, o, cfg.model.num_classes, perceptual=fn)
+        loss.backward()
+        out[name] = (logs, grads(model))
+    assert calls == [kept]
+    (lg, gg), (lm, gm) = out["gathered"], out["masked"]
+    assert lg.keys() == lm.keys() and {"lpips", "convnext"} <= lg.keys()
+    for k in lg:
+        assert torch.allclose(lg[k], lm[k], rtol=1e-12, atol=1e-14), (k, lg[k], lm[k])
+    assert gg.keys() == gm.keys()
+    for n in gg:
+        assert torch.allclose(gg[n], gm[n], rtol=1e-10, atol=1e-14), n

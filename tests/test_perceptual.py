@@ -173,11 +173,54 @@ ODD_WINDOWS = torch.tensor([[0, 0, 37, 29], [5, 0, 1, 29], [0, 7, 37, 1], [36, 2
                             [30, 0, 7, 29], [10, 2, 20, 27], [1, 3, 35, 24]])
 
 
+def official_resample_matrix(start, length, size, side):
+    """The official crop-and-resize of one axis from its definition (utils/auxloss_util.py
+    _resample_crop_to_square: jax.image.scale_and_translate over the whole image, "cubic", antialias),
+    written out pixel by pixel: output i of the window [start, start + length), s = length / size,
+    is centred at c = start + (i + 1/2) s - 1/2; its weight on pixel j is the Keys cubic (a = -0.5)
+    of |c - j| / max(s, 1), over every pixel j of the image, normalised to sum 1."""
+    s = length / size
+    m = np.zeros((size, side))
+    for i in range(size):
+        c = start + (i + 0.5) * s - 0.5
+        for j in range(side):
+            x = abs(c - j) / max(s, 1.0)
+            m[i, j] = 1.5 * x**3 - 2.5 * x**2 + 1 if x < 1 else (-0.5 * x**3 + 2.5 * x**2 - 4 * x + 2 if x < 2 else 0)
+        m[i] /= m[i].sum()
+    return m
+
+
 @pytest.mark.parametrize("size", [24, 41])          # mostly downsampling; mostly upsampling
+def test_crop_resize_is_the_official_rule(size):
+    """crop_resize and crop_resize_ref in fp64 against the closed form on odd windows of a 37 x 29
+    image (tiny, full, edge-touching, 1-pixel): values of both images and the input gradient.
+    Checked once against jax.image.scale_and_translate itself (jax 0.10.2 CPU, x64; the official
+    _resample_crop_to_square's arguments) on 20 windows of 256-px images to 224: max difference
+    1.9e-13 in values and 4.9e-13 in input gradients (6.9e-5 in values against jax's float32, the
+    official precision); the earlier rule, F.interpolate on the cropped window, differed by 1.13."""
+    n = len(ODD_WINDOWS)
+    a = torch.randn(n, 3, 37, 29, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(n, 3, 37, 29, dtype=torch.float64)
+    cot = torch.randn(n, 3, size, size, dtype=torch.float64)
+    ry = np.stack([official_resample_matrix(t, h, size, 37) for t, _, h, _ in ODD_WINDOWS.tolist()])
+    rx = np.stack([official_resample_matrix(left, w, size, 29) for _, left, _, w in ODD_WINDOWS.tolist()])
+    ry, rx = torch.from_numpy(ry)[:, None], torch.from_numpy(rx)[:, None]
+    want_a, want_b = ry @ a.detach() @ rx.transpose(-1, -2), ry @ b @ rx.transpose(-1, -2)
+    want_grad = ry.transpose(-1, -2) @ cot @ rx                 # d <out, cot> / d image
+    for fn in (P.crop_resize, P.crop_resize_ref):
+        oa, ob = fn((a, b), ODD_WINDOWS, size)
+        grad, = torch.autograd.grad((oa * cot).sum(), a)
+        for name, got, want in (("a", oa, want_a), ("b", ob, want_b), ("grad a", grad, want_grad)):
+            err = (got - want).abs().max().item()
+            print(f"{fn.__name__} {name}: max error {err:.2e}")
+            assert err < 1e-12, (fn.__name__, name, err)
+
+
+@pytest.mark.parametrize("size", [24, 41])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_crop_resize_matches_interpolate(dtype, size):
-    """The batched-matmul crop equals the per-sample F.interpolate(bicubic, antialias) loop on odd
-    windows: values of both images and the input gradient of the first, by the tolerance rule."""
+def test_crop_resize_matches_reference(dtype, size):
+    """The batched-matmul crop equals the per-sample reference on odd windows: values of both images
+    and the input gradient of the first, by the tolerance rule."""
     from tests.conftest import assert_close_by_rule
     n = len(ODD_WINDOWS)
     a64 = torch.randn(n, 3, 37, 29, dtype=torch.float64)
@@ -198,18 +241,24 @@ def test_crop_resize_matches_interpolate(dtype, size):
         assert_close_by_rule(o, r, e, name, relative_atol=name == "grad a")
 
 
-def test_resize_weights_are_the_interpolate_operator():
-    """Each row of Ry applied to a 1-d signal is F.interpolate of the cropped signal: the taps are
-    aten's (support 2 x scale when downsampling, Keys a = -0.5, clipped window, normalised)."""
-    for length, size in [(1, 5), (7, 3), (256, 224), (100, 224), (224, 224), (13, 13), (9, 4)]:
-        idx, wt = P.resize_weights(torch.tensor([2]), torch.tensor([length]), size)
-        r = torch.zeros(size, length + 4, dtype=torch.float64).scatter_add_(1, idx[0], wt[0])
-        sig = torch.randn(1, 1, 1, length + 4, dtype=torch.float64)
-        ref = F.interpolate(sig[..., 2:2 + length], size=(1, size), mode="bicubic", antialias=True,
-                            align_corners=False)
-        assert torch.allclose(r @ sig[0, 0, 0], ref.flatten(), atol=1e-12), (length, size)
-        assert (r[:, :2] == 0).all() and (r[:, 2 + length:] == 0).all()        # zero outside the window
-        assert torch.allclose(r.sum(1), torch.ones(size, dtype=torch.float64))
+def test_resize_taps_reach_outside_the_window_only_near_its_edges():
+    """The taps are the closed form's rows; a row whose support lies inside the window is aten's
+    bicubic antialias row of the cropped signal (F.interpolate), so the two rules differ only in a
+    band at the window's edges, where the official kernel reads the pixels beyond it."""
+    side = 40
+    for start, length, size in [(0, 1, 5), (3, 7, 3), (0, 40, 24), (13, 27, 56), (5, 13, 13), (2, 9, 4),
+                                (39, 1, 7), (0, 40, 40), (20, 20, 9)]:
+        idx, wt = P.resize_weights(torch.tensor([start]), torch.tensor([length]), size, side)
+        r = torch.zeros(size, side, dtype=torch.float64).scatter_add_(1, idx[0], wt[0])
+        want = torch.from_numpy(official_resample_matrix(start, length, size, side))
+        assert torch.allclose(r, want, atol=1e-14, rtol=0), (start, length, size, (r - want).abs().max())
+        sig = torch.randn(side, dtype=torch.float64)
+        aten = F.interpolate(sig[start:start + length].view(1, 1, 1, -1), size=(1, size), mode="bicubic",
+                             antialias=True, align_corners=False).flatten()
+        inside = ((r[:, :start] == 0).all(1) & (r[:, start + length:] == 0).all(1))
+        assert torch.allclose((r @ sig)[inside], aten[inside], atol=1e-12), (start, length, size)
+        if 0 < start and start + length < side and length not in (1, size):
+            assert not inside.all()                         # the edge rows read outside the window
 
 
 @pytest.mark.parametrize("mode", P.CROP_MODES)
@@ -226,7 +275,7 @@ def test_paired_crop_matches_the_per_sample_loop(mode):
         assert_close_by_rule(o, r, e, name)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device sync check needs a CUDA GPU")
+@pytest.mark.gpu(reason="the device sync check needs a CUDA GPU")
 def test_crop_resize_does_not_sync():
     a = torch.randn(8, 3, 64, 64, device="cuda", requires_grad=True)
     torch.cuda.synchronize()
@@ -238,3 +287,39 @@ def test_crop_resize_does_not_sync():
         torch.cuda.set_sync_debug_mode("default")
     ref, _ = P.paired_random_resized_crop(a, a.detach(), seed=3, size=32, ref=True)
     assert torch.allclose(oa, ref, atol=1e-4)
+
+
+def test_kept_rows_pad_to_a_few_sizes():
+    """Kept samples first, in order, then dropped ones as padding; the row count takes at most
+    PERCEPTUAL_BUCKETS values over every kept count, never below the count, at most one bucket above."""
+    for n in (1, 7, 10, 128, 130):
+        step = -(-n // P.PERCEPTUAL_BUCKETS)
+        sizes = set()
+        for k in range(n + 1):
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[torch.randperm(n)[:k]] = True
+            rows, kept = P.kept_rows(keep)
+            assert kept == k and k <= len(rows) <= min(n, k + step - 1) and len(set(rows.tolist())) == len(rows)
+            assert torch.equal(rows[:k], keep.nonzero().flatten()) and not keep[rows[k:]].any()
+            sizes.add(len(rows))
+        assert len(sizes - {0}) <= P.PERCEPTUAL_BUCKETS, (n, sizes)
+
+
+@pytest.mark.slow
+def test_compiled_networks_compile_once_per_bucket():
+    """The networks compiled (dynamic=False) see one batch shape per bucket: over every kept count
+    0..16 of a batch of 16 (bucket 2) they compile 8 graphs, not 16, within dynamo's recompile limit."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    loss_fn = P.PerceptualLoss(0.4, 0.1, weights="random", convnext_name="convnextv2_atto", size=32)
+    counter = CompileCounter()
+    loss_fn.distances = torch.compile(loss_fn.distances, backend=counter, dynamic=False)
+    x = torch.rand(16, 3, 24, 24) * 2 - 1
+    with torch.no_grad():
+        for k in range(17):
+            keep = torch.zeros(16, dtype=torch.bool)
+            keep[torch.randperm(16)[:k]] = True
+            lp, cn = loss_fn(x + 0.1 * torch.randn_like(x), x, seed=k, keep=keep)
+            assert ((lp > 0) == keep).all() and ((cn > 0) == keep).all()
+    assert counter.frame_count == 8, counter.frame_count
+    torch._dynamo.reset()
