@@ -8,14 +8,17 @@ A step (train.py with the explicit JVP) is:
   backward  2x the forward of everything with gradient, except the first layer of each scalar
             embedder and the patch convolution (their inputs need no gradient: 1x)
 
-The perceptual losses (perceptual_flops) add, per sample, the paired crop's resampling matmuls and
-the frozen networks at 224 px: forward on both images, and a backward for the input gradient only
-on the prediction (1x its forward: no weight gradients). At pMF-B/16 with both terms that is
-~185 GFLOP beside the model's ~504 (bench_train_step reports MFU with and without them).
+The perceptual losses (perceptual_flops) add, per kept sample (t < perceptual_max_t: pmf_loss runs
+them on those only), the paired crop's resampling matmuls and the frozen networks at 224 px:
+forward on both images, and a backward for the input gradient only on the prediction (1x its
+forward: no weight gradients). At pMF-B/16 with both terms that is ~185 GFLOP per kept sample,
+~126 per image at the expected kept fraction 0.68 (kept_fraction), beside the model's ~504
+(bench_train_step reports MFU with and without them).
 """
+import math
 from dataclasses import dataclass
 
-from .config import ModelConfig
+from .config import ModelConfig, ObjectiveConfig
 from .layers import mlp_hidden
 
 
@@ -99,10 +102,26 @@ def crop_flops(image_size, channels, size=224):
     return 2 * channels * size * image_size * (image_size + size)
 
 
-def perceptual_flops(image_size, channels, lpips=True, convnext="convnextv2_base", size=224):
-    """FLOPs per sample of the perceptual losses as pmf_loss computes them (every sample, masked by
-    t afterwards): the crop and each network forward on both images, backward for the prediction's
-    input gradient (frozen networks: 1x forward). convnext: a CONVNEXT_V2 name, or None (term off)."""
+def kept_fraction(o: ObjectiveConfig):
+    """The expected fraction of samples with t < perceptual_max_t under pmf_fast.meanflow.sample_t_r:
+    with F the logit-normal CDF at the threshold x and p = tr_uniform (t and r redrawn from U[0, 1]
+    together), an r = t sample (data_proportion of the batch) keeps with (1 - p) F + p x, an r < t
+    sample, t = max of two draws, with (1 - p) F^2 + p x^2. At the official sampler (logit-normal
+    (0.8, 0.8), threshold 0.8, half the batch at r = t): 0.5 x 0.768 + 0.5 x 0.590 = 0.679."""
+    x = o.perceptual_max_t
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    F = 0.5 * (1 + math.erf((math.log(x / (1 - x)) - o.P_mean) / (o.P_std * math.sqrt(2))))
+    p, d = o.tr_uniform, o.data_proportion
+    return d * ((1 - p) * F + p * x) + (1 - d) * ((1 - p) * F * F + p * x * x)
+
+
+def perceptual_flops(image_size, channels, lpips=True, convnext="convnextv2_base", size=224, kept=1.0):
+    """FLOPs per sample of the perceptual losses as pmf_loss computes them, on the kept fraction
+    `kept` of the samples (kept_fraction; the padding rows up to a bucket, on average 1/16 of the
+    batch, are not counted): the crop and each network forward on both images, backward for the
+    prediction's input gradient (frozen networks: 1x forward). convnext: a CONVNEXT_V2 name, or None
+    (term off)."""
     per_image = crop_flops(image_size, channels, size)
     pair_extra = 0
     if lpips:
@@ -111,10 +130,13 @@ def perceptual_flops(image_size, channels, lpips=True, convnext="convnextv2_base
         pair_extra += 2 * heads                        # on the difference: forward and input gradient
     if convnext:
         per_image += convnext_v2_flops(size, convnext)
-    return 3 * per_image + pair_extra
+    return kept * (3 * per_image + pair_extra)
 
 
-def whole_step_flops(m: ModelConfig, lpips=False, convnext=None):
-    """FLOPs per image of one training step with the perceptual terms that are on."""
-    extra = perceptual_flops(m.image_size, m.in_channels, lpips, convnext) if lpips or convnext else 0
-    return step_flops(m).total + extra
+def whole_step_flops(m: ModelConfig, lpips=False, convnext=None, o: ObjectiveConfig = None):
+    """FLOPs per image of one training step with the perceptual terms that are on, at the kept
+    fraction of the time sampler `o` (default: the official one, ObjectiveConfig())."""
+    if not (lpips or convnext):
+        return step_flops(m).total
+    kept = kept_fraction(o or ObjectiveConfig())
+    return step_flops(m).total + perceptual_flops(m.image_size, m.in_channels, lpips, convnext, kept=kept)
