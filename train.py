@@ -13,17 +13,19 @@ resumes the run in runs/<name> from its newest checkpoint. SIGTERM or Ctrl-C: th
 a checkpoint is written, exit 0.
 """
 import argparse
+import errno
 import os
 import sys
 import time
 
 import torch
 
-from pmf_fast import dist
+from pmf_fast import dist, selftest
 from pmf_fast.checkpoint import Checkpointer, CheckpointError
 from pmf_fast.config import DEFAULT_PRESET, ConfigError, save_config
 from pmf_fast.data import make_loader
 from pmf_fast.ema import EMAs, full
+from pmf_fast.init import init_weights
 from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
 from pmf_fast.muon import build_optimizers
@@ -58,13 +60,17 @@ def main(argv=None):
             run.say_done(is_main)
             dist.cleanup()
             return run.dir
-        check_fits(m, tc, world)
+        micro = check_fits(m, tc, world)            # micro-batches per rank and step (gradient accumulation)
         impl, bf16, compiled = dist.step_settings(tc, device)
+        with dist.agreed("the kernel self-test"):    # a kernel wrong on one rank's card stops every rank
+            selftest.before_training(tc, m, impl, bf16, device, print if is_main else (lambda s: None))
 
         # ------------------------------------------------------------ data, log
-        loader, n_images, n_classes = make_loader(tc.data, m.image_size, tc.batch_size // world, rank, world,
-                                                  tc.seed, device, tc.num_workers, tc.loader,
-                                                  lambda s: print(s, flush=True) if is_main else None, tc.flip)
+        with dist.agreed("the data set-up"):         # one rank unable to read the data stops every rank
+            loader, n_images, n_classes = make_loader(tc.data, m.image_size, tc.batch_size // world, rank, world,
+                                                      tc.seed, device, tc.num_workers, tc.loader,
+                                                      lambda s: print(s, flush=True) if is_main else None, tc.flip,
+                                                      micro)
         if n_classes > m.num_classes:
             raise ConfigError(f"the data has {n_classes} classes but model.num_classes={m.num_classes}")
         steps = tc.steps or tc.epochs * (n_images // tc.batch_size)
@@ -76,16 +82,20 @@ def main(argv=None):
         log(f"run {run.dir}: {cfg.preset}, {n_images} images, {n_classes} classes, {steps} steps of "
             f"{tc.batch_size} ({world} ranks, {device.type}, {'bf16' if bf16 else 'fp32'}, impl {impl}, "
             f"{tc.parallel if world > 1 else 'one rank'}, blocks {'compiled' if compiled else 'eager'}, "
-            f"checkpointing {tc.checkpointing})")
+            f"checkpointing {tc.checkpointing}"
+            + (f", {micro} micro-batches of {tc.batch_size // world // micro} per rank" if micro > 1 else "") + ")")
 
         # ------------------------------------------------------------ model, parallelism, optimizers, EMAs, losses
         torch.manual_seed(tc.seed)                   # the same init on every rank (DDP broadcasts rank 0's anyway)
         model = PMFDiT(m, t_eps=o.t_eps).to(device).set_impl(impl)
         step_model = dist.parallelize(model, impl, tc.parallel, tc.checkpointing, tc.shard_size, device, compiled)
+        if tc.init:                                  # a fresh run only; the EMAs below start from these weights too
+            init_weights(model, tc, run.meta is not None, log)
         optimizers = build_optimizers(model, cfg.optim)
         emas = EMAs(model, tc.ema_halflives_kimg, tc.batch_size)
-        perceptual = perceptual_loss(o, device, log)
-        state = TrainState(loader, device, tc.seed, rank, world)
+        with dist.agreed("loading the perceptual networks"):   # e.g. a weight file missing on one node
+            perceptual = perceptual_loss(o, device, log)
+        state = TrainState(loader, device, tc.seed, rank, world, micro)
         checkpointer = Checkpointer(run.dir, cfg, model, optimizers, emas, state, device, log)
         run.resume(checkpointer, log)                # every stateful piece takes its own state
         if is_main:
@@ -94,7 +104,7 @@ def main(argv=None):
         log.advance(state.step)
 
         # ------------------------------------------------------------ training loop
-        stopper, meter = Stopper(tc, state, device, log), Meter(tc.batch_size)
+        stopper, meter = Stopper(tc, state, device, log, run.lock), Meter(tc.batch_size)
         tuner = cpu_threads(tc.cpu_threads, device, log)
         params = [p for p in model.parameters() if p.requires_grad]
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -102,16 +112,22 @@ def main(argv=None):
             lr = cfg.optim.lr * lr_factor(cfg.optim, state.step, max(state.step / steps, stopper.progress))
             optimizers.set_lr(lr)
             x, y = next(loader)
-            draws = sample_draws(x, o, state.gen, state.cpu_gen)
-            with autocast:
-                loss, terms = pmf_loss(step_model, x, y, draws, o, m.num_classes, perceptual, impl)
-            if stopper.skip(loss):                   # train.nonfinite=skip, agreed by all ranks
-                loss.mul(0).backward()               # DDP / FSDP2 expect the backward their forward set up
+            # micro-batch i is virtual rank rank * micro + i of a world * micro-rank run (its images, its draws);
+            # loss / micro summed over them and averaged over ranks is that run's gradient; one reduction a step
+            losses, terms = [], {}
+            for i, (xi, yi) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
+                draws = sample_draws(xi, o, state.gens[i], state.cpu_gens[i])
+                with dist.gradient_sync(step_model, i == micro - 1), autocast:
+                    loss, parts = pmf_loss(step_model, xi, yi, draws, o, m.num_classes, perceptual, impl)
+                    (loss / micro).backward()
+                losses.append(loss.detach())
+                terms = {k: terms.get(k, 0) + v / micro for k, v in parts.items()}   # the whole batch's means
+            loss = sum(losses) / micro
+            if stopper.skip(loss):                   # train.nonfinite=skip, agreed by all ranks: drop the gradients
                 optimizers.zero_grad()
                 if stopper.reason:
                     break
                 continue
-            loss.backward()
             state.step += 1
             log_step = state.step % tc.log_every == 0 or state.step == steps
             ckpt_step = state.step % tc.ckpt_every == 0 or state.step == steps
@@ -127,7 +143,7 @@ def main(argv=None):
 
             # -------------------------------------------------------- agreed stop check, log, samples, checkpoints
             stopper.check(force=log_step or ckpt_step)
-            if stopper.nonfinite:
+            if stopper.nonfinite or stopper.lock_lost:   # nothing more is written in the run directory
                 break
             if log_step:
                 log.row(state.step, meter.row(lr=lr, grad_norm=round(grad_norm.item(), 4),
@@ -153,6 +169,12 @@ def main(argv=None):
 
 def end_of_run(stopper, state, sampling, log):
     """Say why the loop ended; after a complete run, the final samples, the digits judge and end.json."""
+    if stopper.lock_lost:
+        log.close()
+        dist.cleanup()
+        raise RunBusy(f"stopped at step {state.step}: {stopper.reason}: another run took over {sampling.run_dir}; "
+                      "this run wrote nothing more there. Let that run finish, or stop it and run this command "
+                      "again to continue from the newest checkpoint")
     if stopper.nonfinite:
         hint = ("raise train.max_nonfinite or lower the learning rate" if stopper.tc.nonfinite == "skip" else
                 "set train.nonfinite=skip to skip such steps")
@@ -171,12 +193,18 @@ def end_of_run(stopper, state, sampling, log):
 
 
 def check_fits(m, tc, world):
-    """What a config can only be checked against at launch: the world size and the data's channels."""
+    """What a config can only be checked against at launch: the world size and the data's channels.
+    Returns the micro-batches per rank and step (train.micro_batch)."""
     if tc.batch_size % world:
         raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the {world} ranks")
+    per_rank = tc.batch_size // world
+    if tc.micro_batch and per_rank % tc.micro_batch:
+        raise ConfigError(f"train.micro_batch={tc.micro_batch} does not divide the {per_rank} images per rank "
+                          f"(train.batch_size={tc.batch_size} over {world} ranks): use a divisor of {per_rank}")
     if (tc.data == "digits") != (m.in_channels == 1):
         raise ConfigError(f"model.in_channels={m.in_channels} does not fit train.data={tc.data!r}: the digits are "
                           "1-channel, image folders are loaded as RGB (3 channels)")
+    return per_rank // tc.micro_batch if tc.micro_batch else 1
 
 
 def perceptual_loss(o, device, log):
@@ -194,9 +222,12 @@ if __name__ == "__main__":
         main()
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (CheckpointError, FileNotFoundError, RunBusy) as e:   # bad input or a taken run: what and where
+    except (CheckpointError, FileNotFoundError, RunBusy, dist.RankFailed,   # bad input, a taken run,
+            selftest.SelftestFailed) as e:                                  # a kernel wrong on this card
         sys.exit(f"error: {e}")
     except FloatingPointError as e:
         sys.exit(f"error: training stopped: {e}")
     except OSError as e:                                  # e.g. an unwritable or full train.out_dir
-        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")
+        remedy = (" (free space there and run the same command: it continues from the newest checkpoint)"
+                  if e.errno == errno.ENOSPC else "")
+        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}{remedy}")

@@ -5,8 +5,10 @@ then DDP or FSDP2. NCCL on GPU, gloo on CPU.
 Every block takes the tangent through its module call (pmf_fast/layers.py), so the hooks these
 wrappers hang on `__call__` see every use of every parameter, on the JVP pass as on the primal one.
 """
+import contextlib
 import os
 import shutil
+import socket
 import sys
 
 import torch
@@ -137,6 +139,25 @@ def parallelize(model, impl, parallel="ddp", checkpointing="none", shard_size=0,
         model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
+@contextlib.contextmanager
+def gradient_sync(step_model, sync):
+    """The backward passes inside reduce their gradients over the ranks (sync) or only add them up on
+    each rank: gradient accumulation runs every micro-batch but the last with sync=False, so a step
+    reduces once, as without accumulation (DDP's no_sync; FSDP2's set_requires_gradient_sync, whose
+    unsharded gradients then stay on each rank until the last micro-batch)."""
+    if sync or not is_dist():
+        yield
+    elif isinstance(step_model, torch.nn.parallel.DistributedDataParallel):
+        with step_model.no_sync():
+            yield
+    else:
+        step_model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            step_model.set_requires_gradient_sync(True)
+
+
 # ----------------------------------------------------------------------------- agreement
 def agree_max(values, device):
     """The maximum over ranks of each value (floats or 0-d tensors on `device`), in one
@@ -164,6 +185,32 @@ def all_gather_objects(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+class RankFailed(RuntimeError):
+    """Another rank failed a step that every rank takes; the message is that rank's line."""
+
+
+@contextlib.contextmanager
+def agreed(what):
+    """`with agreed("the data set-up"): ...` on every rank: when the block fails on any rank, every rank
+    stops (its own error where it failed, RankFailed with the first failing rank's line elsewhere), so
+    none is left waiting in a later collective (NCCL has no timeout there) for a rank that has gone. The
+    block itself must hold no collective. One all-gather of a small object."""
+    try:
+        yield
+    except Exception as e:
+        _agree_on_failure(e, what)
+        raise
+    _agree_on_failure(None, what)
+
+
+def _agree_on_failure(error, what):
+    views = all_gather_objects(None if error is None else (socket.gethostname(), str(error) or type(error).__name__))
+    failed = [(rank, view) for rank, view in enumerate(views) if view is not None]
+    if failed and error is None:
+        rank, (host, msg) = failed[0]
+        raise RankFailed(f"rank {rank} on {host} failed in {what}: {msg}")
 
 
 def barrier():

@@ -13,6 +13,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -31,7 +32,7 @@ RUN_CONTROL = {f"train.{k}" for k in ("steps", "epochs", "time_budget_s", "log_e
                                       "eval_every", "eval_samples", "fid_ref", "out_dir", "num_workers", "loader",
                                       "impl", "parallel", "shard_size", "checkpointing", "nonfinite", "max_nonfinite",
                                       "stop_check_every", "tensorboard", "precision", "data",
-                                      "cpu_threads")} | {"preset"}
+                                      "cpu_threads", "micro_batch", "init", "init_weights")} | {"preset"}
 # fields whose change would not fit the saved tensors
 SHAPES = ("model.", "train.ema_halflives_kimg")
 
@@ -65,6 +66,7 @@ def _describe(diff):
 # ----------------------------------------------------------------------------- one owner per run directory
 LOCK = "run.lock"
 END = "end.json"                 # written last by the end stage: {"step": N} once samples and metrics are there
+FAILED_START = {"tb"}            # what a start makes before config.json (TensorBoard opens its folder early)
 
 
 class RunBusy(RuntimeError):
@@ -89,8 +91,8 @@ class RunLock:
         self.me = {"host": socket.gethostname(), "pid": os.getpid(),
                    "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "beat": 0,
                    "token": os.urandom(8).hex()}               # tells apart two starts in one second
-        self.created_dir, self.held, self._stop = False, False, threading.Event()
-        self._thread = None
+        self.created, self.held, self._stop = [], False, threading.Event()
+        self._thread, self.lost = None, None        # lost: who holds the directory now, once it is not us
 
     def _read(self):
         try:
@@ -124,9 +126,10 @@ class RunLock:
         return True
 
     def acquire(self):
-        """Hold the lock or raise RunBusy naming the holder. Creates run_dir when missing (and
-        release() removes it again if nothing else was written there)."""
-        self.created_dir = not os.path.isdir(self.run_dir)
+        """Hold the lock or raise RunBusy naming the holder. Creates run_dir (and its missing parents,
+        train.out_dir among them) when missing; release() removes what it created again if nothing
+        else was written there."""
+        self.created = _missing_dirs(self.run_dir)
         os.makedirs(self.run_dir, exist_ok=True)
         clean_temporaries(self.run_dir, LOCK)        # a heartbeat cut by a kill
         # the lock appears whole: written to a file of our own, then hard-linked to its name (link, like
@@ -185,10 +188,26 @@ class RunLock:
                 pass
         os.remove(aside)
 
+    def still_mine(self):
+        """Whether this process still holds the lock. False once it was removed, taken over (this
+        process judged gone) or overwritten: then self.lost names the new holder, and the run stops
+        (Stopper) without writing anything more in the directory. Read twice, 0.2 s apart, before
+        the lock counts as lost."""
+        if self.lost is None and self.held:
+            for attempt in range(2):
+                holder = self._read()
+                if self._mine(holder):
+                    return True
+                if not attempt:
+                    time.sleep(0.2)
+            self.lost = ("removed" if holder is None else "unreadable" if not holder else
+                         f"held by host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}")
+        return self.lost is None
+
     def _beat(self):
         while not self._stop.wait(self.heartbeat_s):
-            if not self._mine(self._read()):
-                return                               # taken over (this process was judged gone): stop beating
+            if not self.still_mine():
+                return                               # the Stopper ends the run at its next check
             self.me["beat"] += 1
             try:
                 atomic_write(self.path, lambda f: json.dump(self.me, f), mode="w")
@@ -204,11 +223,24 @@ class RunLock:
         if self.held and self._mine(self._read()):
             os.remove(self.path)
         self.held = False
-        if self.created_dir:
+        for d in self.created:                       # leaf first; a directory with anything in it stays
             try:
-                os.rmdir(self.run_dir)
+                os.rmdir(d)
             except OSError:
-                pass
+                break
+        self.created = []
+
+
+def _missing_dirs(path):
+    """The directories os.makedirs(path) would create, deepest first."""
+    out, path = [], os.path.abspath(path)
+    while not os.path.isdir(path):
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return out
 
 
 def _age(path):
@@ -249,11 +281,29 @@ def claim_run_dir(run_dir, is_main):
 
 def run_dir_of(preset, name, resume, overrides):
     """The run directory a command trains in (--resume's, else train.out_dir/<name or preset>);
-    ConfigError for a bad preset or override, before any write."""
+    ConfigError for a bad preset, override, run name or --resume path, before any write."""
     if resume:
+        if os.path.isfile(resume) or os.path.isfile(os.path.join(resume, "meta.pt")):
+            where = os.path.dirname(os.path.dirname(os.path.abspath(resume)) if resume.rstrip("/").endswith(".dcp")
+                                    else os.path.abspath(resume))
+            raise ConfigError(f"--resume takes a run directory, not a checkpoint: --resume {where} continues from "
+                              "its newest readable checkpoint")
+        if not os.path.isdir(resume):
+            raise ConfigError(f"--resume {resume}: no such run directory (a run directory holds ckpt_<step>.pt "
+                              "files; leave out --resume to start a new run)")
         return resume
     cfg = get_config(preset, overrides)
-    return os.path.join(cfg.train.out_dir, name or cfg.preset.replace("/", "-"))
+    return os.path.join(cfg.train.out_dir, run_name(name, cfg.preset))
+
+
+def run_name(name, preset):
+    """The run's directory name under train.out_dir: --name, or the preset's name. A name is one path
+    component, so that a run never lands outside train.out_dir."""
+    name = name or preset.replace("/", "-")
+    if name in (".", "..") or "/" in name or os.sep in name:
+        raise ConfigError(f"--name {name!r}: a run name is one directory name under train.out_dir (no '/' or "
+                          "'..'); set train.out_dir=<folder> to train elsewhere")
+    return name
 
 
 class Run:
@@ -268,6 +318,16 @@ class Run:
         except BaseException:
             self.close()
             raise
+        # a fresh run in an empty (or new) directory: if its start fails before config.json is written, what
+        # it made (tb/, its lock) goes again, so the same command works once the cause is fixed
+        self.fresh = self.meta is None and not set(_contents(self.dir)) - FAILED_START
+        if self.fresh and self.lock is not None:
+            self._remove_contents()                  # a start killed before it began (resolve_run said so)
+
+    def _remove_contents(self):
+        for entry in _contents(self.dir):
+            path = os.path.join(self.dir, entry)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
     def say_done(self, is_main):
         if is_main:
@@ -293,9 +353,20 @@ class Run:
                 print(f"removed {path}, left by a killed run", flush=True)
 
     def close(self):
+        """Release the lock; after a fresh run's failed start, remove what the start made."""
         if self.lock is not None:
+            if getattr(self, "fresh", False) and not os.path.exists(os.path.join(self.dir, "config.json")):
+                self._remove_contents()
             self.lock.release()
             self.lock = None
+
+
+def _contents(run_dir):
+    """What a run directory holds besides its lock (and the lock's own temporary files)."""
+    try:
+        return sorted(e for e in os.listdir(run_dir) if not e.startswith(LOCK))
+    except FileNotFoundError:
+        return []
 
 
 def run_stage(meta, cfg, run_dir):
@@ -370,7 +441,7 @@ def resolve_run(preset, name, resume, overrides, log):
     for a run directory that holds another run or shape-changing overrides, before any write."""
     if resume:
         run_dir = resume
-        meta, path = load_latest(run_dir, log)
+        meta, path = load_run_checkpoint(run_dir, log)
         cfg = Config.from_dict(meta["config"])
         for item in overrides:
             key, _, value = item.lstrip("-").partition("=")
@@ -378,7 +449,7 @@ def resolve_run(preset, name, resume, overrides, log):
         validate(cfg)
     else:
         cfg = get_config(preset, overrides)
-        run_dir = os.path.join(cfg.train.out_dir, name or cfg.preset.replace("/", "-"))
+        run_dir = os.path.join(cfg.train.out_dir, run_name(name, cfg.preset))
         if not list_checkpoints(run_dir):
             saved = os.path.join(run_dir, "config.json")
             if os.path.isfile(saved):          # a run that stopped before its first checkpoint
@@ -389,10 +460,13 @@ def resolve_run(preset, name, resume, overrides, log):
                 for f in ("log.jsonl", "metrics.json", END):
                     with contextlib.suppress(FileNotFoundError):     # every rank tries; one wins
                         os.remove(os.path.join(run_dir, f))
-            elif os.path.isdir(run_dir) and set(os.listdir(run_dir)) - {LOCK}:
+            elif set(_contents(run_dir)) - FAILED_START:
                 raise ConfigError(f"{run_dir} is not empty and holds no pmf-fast run; pass --name for a new run")
+            elif _contents(run_dir):                 # a start killed before it began (kill -9 during set-up)
+                log(f"{run_dir} holds only what a start that never began left ({', '.join(_contents(run_dir))}): "
+                    "starting over")
             return cfg, run_dir, None, None
-        meta, path = load_latest(run_dir, log)
+        meta, path = load_run_checkpoint(run_dir, log)
         diff = [d for d in config_diff(meta["config"], cfg.to_dict()) if d[0] not in RUN_CONTROL]
         if diff:
             raise ConfigError(f"{run_dir} holds a run with another config ({_describe(diff)}); pass --name for "
@@ -402,6 +476,17 @@ def resolve_run(preset, name, resume, overrides, log):
         raise ConfigError(f"cannot resume {run_dir} with {_describe(shape)}: the saved weights or EMAs have other "
                           "shapes; start a new run (--name) instead")
     return cfg, run_dir, meta, path
+
+
+def load_run_checkpoint(run_dir, log):
+    """load_latest, and a one-line error for a torch file there that is not a pmf-fast training
+    checkpoint (weights alone, an official release): it has no config or training state to resume."""
+    meta, path = load_latest(run_dir, log)
+    missing = [k for k in ("config", "train") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"{path} is not a pmf-fast training checkpoint (it has no {' or '.join(missing)}); "
+                              "to start training from its weights, start a new run with train.init=<that file>")
+    return meta, path
 
 
 def finished(meta, cfg):
@@ -414,17 +499,22 @@ def finished(meta, cfg):
 # ----------------------------------------------------------------------------- training state
 class TrainState:
     """Step, elapsed training seconds, the objective's random streams and the loader's position.
+    A rank running `micro` micro-batches a step holds one pair of streams per micro-batch: those of
+    virtual ranks rank * micro ... rank * micro + micro - 1 of a world * micro-rank run, so that
+    accumulation takes the steps that run takes (gens[i], cpu_gens[i] draw for micro-batch i).
     state_dict() gathers every rank's streams and positions (a collective); load_state_dict() gives
-    each rank its own, or fresh streams when the world size changed."""
+    each rank its own: exactly when the virtual world (world * micro) is the same, whatever the split,
+    else fresh streams."""
 
-    def __init__(self, loader, device, seed, rank, world):
-        self.loader, self.rank, self.world, self.seed = loader, rank, world, seed
+    def __init__(self, loader, device, seed, rank, world, micro=1):
+        self.loader, self.rank, self.world, self.seed, self.micro = loader, rank, world, seed, micro
         self.step, self.elapsed, self.finished = 0, 0.0, False
-        self.gen = torch.Generator(device).manual_seed(seed + rank)     # every draw of the objective
-        self.cpu_gen = torch.Generator().manual_seed(seed + rank)       # the crop seed (no GPU sync)
+        first = rank * micro                                             # this rank's first virtual rank
+        self.gens = [torch.Generator(device).manual_seed(seed + v) for v in range(first, first + micro)]
+        self.cpu_gens = [torch.Generator().manual_seed(seed + v) for v in range(first, first + micro)]  # crop seeds
 
     def state_dict(self):
-        mine = {"rng": self.gen.get_state().cpu(), "cpu_rng": self.cpu_gen.get_state(),
+        mine = {"rng": [g.get_state().cpu() for g in self.gens], "cpu_rng": [g.get_state() for g in self.cpu_gens],
                 "data": self.loader.state_dict()}
         ranks = all_gather_objects(mine)
         return {"step": self.step, "elapsed_s": self.elapsed, "finished": self.finished, "ranks": ranks}
@@ -433,16 +523,27 @@ class TrainState:
         """finished: the run's training is over (run_stage "end"): only the end stage is left."""
         self.step, self.elapsed, self.finished = state["step"], state.get("elapsed_s", 0.0), finished
         ranks = state["ranks"]
+        listed = lambda s: s if isinstance(s, list) else [s]              # one stream per rank before accumulation
+        streams = [pair for r in ranks for pair in zip(listed(r["rng"]), listed(r["cpu_rng"]))]
+        saved_micro = len(streams) // len(ranks)
+        if len(streams) == self.world * self.micro:                      # the same virtual ranks
+            first = self.rank * self.micro
+            for g, c, (rng, cpu_rng) in zip(self.gens, self.cpu_gens, streams[first:first + self.micro]):
+                g.set_state(rng.to(g.get_state().device))
+                c.set_state(cpu_rng)
+            if (len(ranks), saved_micro) != (self.world, self.micro):
+                log(f"resuming {len(ranks)} ranks x {saved_micro} micro-batches as {self.world} x {self.micro}: "
+                    "the same virtual ranks, the same steps")
+        else:
+            for v, (g, c) in enumerate(zip(self.gens, self.cpu_gens), self.rank * self.micro):
+                g.manual_seed(self.seed + v + 7919 * self.step)
+                c.manual_seed(self.seed + v + 7919 * self.step)
+            split = lambda w, k: f"{w}-rank" + (f" x {k}-micro-batch" if k > 1 else "")
+            log(f"resuming on {split(self.world, self.micro)} from a {split(len(ranks), saved_micro)} run: fresh "
+                "random streams")
         if len(ranks) == self.world:
-            mine = ranks[self.rank]
-            self.gen.set_state(mine["rng"].to(self.gen.get_state().device))
-            self.cpu_gen.set_state(mine["cpu_rng"])
-            self.loader.load_state_dict(mine["data"])
-            return
-        self.gen.manual_seed(self.seed + self.rank + 7919 * self.step)
-        self.cpu_gen.manual_seed(self.seed + self.rank + 7919 * self.step)
-        log(f"resuming on {self.world} ranks from a {len(ranks)}-rank run: fresh random streams")
-        if "epoch" in ranks[0]["data"]:                # index-based positions are the same on every rank
+            self.loader.load_state_dict(ranks[self.rank]["data"])
+        elif "epoch" in ranks[0]["data"]:              # index-based positions are the same on every rank
             self.loader.load_state_dict(ranks[0]["data"])
         else:
             log("the DALI readers start a fresh epoch")
@@ -471,14 +572,15 @@ class StopSignals:
 
 
 class Stopper:
-    """Every decision to stop, agreed by all ranks: SIGTERM / SIGINT, the time budget and a non-finite
-    loss. With train.nonfinite=stop a non-finite loss is noted on the device (no sync) and found at the
-    next check; with skip, all ranks agree every step whether to drop the update. Checks run every
-    train.stop_check_every steps and on log and checkpoint steps: one small all-reduce each, the only
-    host-device sync of a step."""
+    """Every decision to stop, agreed by all ranks: SIGTERM / SIGINT, the time budget, a non-finite
+    loss, and rank 0's run lock lost to another run (that stop writes nothing more in the directory).
+    With train.nonfinite=stop a non-finite loss is noted on the device (no sync) and found at the next
+    check; with skip, all ranks agree every step whether to drop the update. Checks run every
+    train.stop_check_every steps and on log and checkpoint steps (so before every log line and
+    checkpoint): one small all-reduce each, which with the log steps' reads is all a step syncs."""
 
-    def __init__(self, tc, state, device, log):
-        self.tc, self.state, self.device, self.log = tc, state, device, log
+    def __init__(self, tc, state, device, log, lock=None):
+        self.tc, self.state, self.device, self.log, self.lock = tc, state, device, log, lock   # lock: rank 0's
         self.signals = StopSignals()
         self.t_start = time.time() - state.elapsed          # elapsed training time survives a resume
         self.bad = torch.zeros((), device=device)
@@ -504,10 +606,13 @@ class Stopper:
             return
         budget = self.tc.time_budget_s
         self.state.elapsed = time.time() - self.t_start
-        nonfinite, self.state.elapsed, signal_seen = agree_max(
-            [self.bad, self.state.elapsed, self.signals.received is not None], self.device)
+        lost = self.lock is not None and not self.lock.still_mine()     # one small file read on rank 0
+        nonfinite, self.state.elapsed, signal_seen, lost = agree_max(
+            [self.bad, self.state.elapsed, self.signals.received is not None, lost], self.device)
         self.progress = self.state.elapsed / budget if budget else 0.0
-        if nonfinite:
+        if lost:
+            self.reason = f"{LOCK} lost ({self.lock.lost if self.lock is not None else 'rank 0 lost it'})"
+        elif nonfinite:
             self.reason = "non-finite loss"
         elif signal_seen:
             self.reason = f"{self.signals.received or 'a signal'} received"
@@ -517,6 +622,11 @@ class Stopper:
     @property
     def nonfinite(self):
         return self.reason is not None and "non-finite" in self.reason
+
+    @property
+    def lock_lost(self):
+        """Another run took the run directory over (or its lock was removed): nothing more is written there."""
+        return (self.reason or "").startswith(LOCK)
 
     @property
     def budget_spent(self):
@@ -592,10 +702,13 @@ class Log:
         """One log.jsonl line {"step": step, **values}, echoed; TensorBoard scalars for each number."""
         if not self.enabled:
             return
-        line = {"step": step, **values}
+        line, path = {"step": step, **values}, os.path.join(self.run_dir, "log.jsonl")
         self(" ".join(f"{k} {v}" for k, v in line.items()))
-        with open(os.path.join(self.run_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(line) + "\n")
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError as e:                         # a full disk: say which file (a torn line is dropped on resume)
+            raise OSError(e.errno, e.strerror, path) from None
         self.scalars(step, values)
 
     def scalars(self, step, values):

@@ -24,10 +24,13 @@ from .prepared import is_prepared, open_prepared
 
 class ShardedBatches:
     """Batch `index` of `epoch`: a seeded permutation per epoch, cut into global batches, each
-    rank taking every world_size-th index of its batch; the last incomplete batch is dropped."""
+    rank taking every world_size-th index of its batch; the last incomplete batch is dropped.
+    micro > 1 (gradient accumulation): the rank's batch is `micro` micro-batches one after another,
+    micro-batch i holding what rank rank * micro + i of a world_size * micro-rank run takes."""
 
-    def __init__(self, n, batch_per_rank, rank, world_size, seed):
+    def __init__(self, n, batch_per_rank, rank, world_size, seed, micro=1):
         self.n, self.batch, self.rank, self.world, self.seed = n, batch_per_rank, rank, world_size, seed
+        self.micro = micro
         self.per_epoch = n // (batch_per_rank * world_size)
         self._perm = (None, None)
         if self.per_epoch == 0:
@@ -40,7 +43,12 @@ class ShardedBatches:
             self._perm = (epoch, torch.randperm(self.n, generator=g))
         perm = self._perm[1]
         start = index * self.batch * self.world
-        return perm[start:start + self.batch * self.world][self.rank::self.world]
+        return self.mine(perm[start:start + self.batch * self.world])
+
+    def mine(self, rows):
+        """This rank's rows of a global batch's: virtual rank v of world * micro takes rows v, v + world *
+        micro, ...; this rank's micro-batches are virtual ranks rank * micro ... rank * micro + micro - 1."""
+        return rows.view(-1, self.world, self.micro)[:, self.rank].T.flatten()
 
     def next_pos(self, epoch, index):
         return (epoch + 1, 0) if index + 1 == self.per_epoch else (epoch, index + 1)
@@ -56,7 +64,7 @@ def mirror_mask(batches, epoch, index):
     seeded by the data position and drawn for the global batch (each rank takes its rows), so the
     flips are the same after a resume, on any number of ranks, whichever loader reads the data."""
     g = torch.Generator().manual_seed(batches.seed * 7919 + epoch * 100003 + index)
-    return (torch.rand(batches.batch * batches.world, generator=g) < 0.5)[batches.rank::batches.world]
+    return batches.mine(torch.rand(batches.batch * batches.world, generator=g) < 0.5)
 
 
 def mirror(x, batches, epoch, index):
@@ -222,21 +230,23 @@ def _stop(thread, stop, free):
 
 
 def make_loader(data, image_size, batch_per_rank, rank, world_size, seed, device, num_workers=0, loader="auto",
-                log=print, flip=False):
+                log=print, flip=False, micro=1):
     """data: "digits", a prepared dataset, or an ImageFolder directory. loader (folders only): "dali",
     "pil", or "auto" (DALI when installed). A prepared dataset is memory-mapped (num_workers: gather
     threads); a folder's unusable images are left out (a cached scan, shared out over the ranks).
+    micro: micro-batches per rank (ShardedBatches; DALI's readers shard by rank, so there micro-batches
+    are slices of the rank's batch, not a world_size * micro-rank run's images).
     Returns (loader, dataset size, num_classes)."""
     if data == "digits":
         (x, y), _ = load_digits_split(image_size)
-        batches = ShardedBatches(len(y), batch_per_rank, rank, world_size, seed)
+        batches = ShardedBatches(len(y), batch_per_rank, rank, world_size, seed, micro)
         return Loader((x, y), batches, torch.device(device), flip=flip), len(y), 10
     if is_prepared(data):
         ds = open_prepared(data, image_size)
         m = ds.manifest
         log(f"data {data}: prepared, {len(ds)} images in {len(ds.classes)} classes at {ds.image_size} px from "
             f"{m['source']} ({len(m['unusable'])} unusable files left out when prepared); memory-mapped, no decoding")
-        batches = ShardedBatches(len(ds), batch_per_rank, rank, world_size, seed)
+        batches = ShardedBatches(len(ds), batch_per_rank, rank, world_size, seed, micro)
         return PreparedLoader(ds, batches, device, max(1, num_workers), flip), len(ds), len(ds.classes)
     scanned_at = time.time()                      # files modified after this are suspects if DALI fails
     files, labels, classes, report = usable_images(data)
@@ -246,6 +256,6 @@ def make_loader(data, image_size, batch_per_rank, rank, world_size, seed, device
             raise ValueError(f"dataset of {len(files)} images is smaller than one global batch; lower train.batch_size")
         return DaliLoader(files, labels, image_size, batch_per_rank, rank, world_size, seed, device,
                           num_threads=max(1, num_workers), flip=flip, scanned_at=scanned_at), len(files), len(classes)
-    batches = ShardedBatches(len(files), batch_per_rank, rank, world_size, seed)
+    batches = ShardedBatches(len(files), batch_per_rank, rank, world_size, seed, micro)
     return Loader(FolderDataset(files, labels, image_size), batches, torch.device(device), num_workers, flip), \
         len(files), len(classes)
