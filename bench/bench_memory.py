@@ -43,7 +43,9 @@ def saved_bytes_per_image(preset, impl, batch=1, device="cpu", autocast_dtype=No
     param_shapes = {tuple(p.shape) for p in model.parameters()}
     x = torch.rand(batch, m.in_channels, m.image_size, m.image_size, device=device) * 2 - 1
     y = torch.randint(0, m.num_classes, (batch,), device=device)
-    d = sample_draws(x, cfg.objective, torch.Generator(device).manual_seed(0))
+    # a CPU generator for the crop seed beside the device one, as train.py's TrainState: sample_draws
+    # refuses a CUDA generator alone (tests/test_fast_step.py runs this set-up as on a GPU)
+    d = sample_draws(x, cfg.objective, torch.Generator(device).manual_seed(0), torch.Generator().manual_seed(0))
     seen = {}
 
     def pack(t):

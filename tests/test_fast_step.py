@@ -15,6 +15,12 @@ from tests.conftest import assert_close_by_rule, wake_up
 DEV = "cuda" if torch.cuda.is_available() else "cpu"   # on a GPU the real kernels run (fp32, IEEE dots)
 
 
+def generators(seed):
+    """(gen, cpu_gen) as train.py's TrainState makes them: the objective's draws on DEV, the crop
+    seed on the CPU (sample_draws refuses a CUDA generator alone: reading it back would sync)."""
+    return torch.Generator(DEV).manual_seed(seed), torch.Generator().manual_seed(seed)
+
+
 def setup(B=4, seed=0):
     torch.manual_seed(seed)
     cfg = get_config("pMF-XS/4-test")
@@ -22,7 +28,7 @@ def setup(B=4, seed=0):
     m = cfg.model
     x = torch.rand(B, m.in_channels, m.image_size, m.image_size, device=DEV) * 2 - 1
     y = torch.randint(0, m.num_classes, (B,), device=DEV)
-    draws = sample_draws(x, cfg.objective, torch.Generator(DEV).manual_seed(seed + 1))
+    draws = sample_draws(x, cfg.objective, *generators(seed + 1))
     return cfg, model, x, y, draws
 
 
@@ -88,9 +94,9 @@ def test_a_few_optimizer_steps_stay_together():
     for impl in ("reference", "fast"):
         m = copy.deepcopy(model).set_impl(impl)
         opts = build_optimizers(m, cfg.optim)
-        gen = torch.Generator(DEV).manual_seed(5)
+        gens = generators(5)
         for _ in range(3):
-            d = sample_draws(x, cfg.objective, gen)
+            d = sample_draws(x, cfg.objective, *gens)
             step(m, x, y, d, cfg, impl)
             opts.step()
         runs[impl] = dict(m.named_parameters())
@@ -110,6 +116,31 @@ def test_fast_step_saves_at_most_half_the_reference():
     assert fast <= 0.5 * ref
 
 
+class CudaClaimingGenerator(torch.Generator):
+    """A CPU generator that, when made for a device, says it is on CUDA: the device generator that
+    a GPU machine's torch.Generator(DEV) is; torch.Generator() stays on the CPU."""
+
+    def __init__(self, device=None):
+        super().__init__()
+        self._device = torch.device("cpu" if device is None else "cuda")
+
+    @property
+    def device(self):
+        return self._device
+
+
+def test_draw_set_up_gives_a_cpu_generator_beside_a_cuda_one(monkeypatch):
+    """sample_draws refuses a CUDA generator without a CPU one for the crop seed (reading it back
+    would sync every step). This file's set-up and bench/bench_memory.py's run here as on a GPU
+    machine, their device generators on "CUDA", so a caller that passes no cpu_gen fails on a CPU."""
+    from bench.bench_memory import saved_bytes_per_image
+    monkeypatch.setattr(torch, "Generator", CudaClaimingGenerator)
+    cfg, _, x, _, _ = setup()
+    with pytest.raises(ValueError, match="cpu_gen"):   # the check runs: the device generator is on "CUDA"
+        sample_draws(x, cfg.objective, torch.Generator(DEV).manual_seed(0))
+    assert saved_bytes_per_image("pMF-XS/4-test", "fast") > 0
+
+
 @pytest.mark.gpu(reason="host-device syncs exist only with a GPU")
 def test_a_training_step_does_not_sync_the_host():
     """Between train.py's stop checks a step (draws, targets, JVP, loss, backward, Muon + AdamW,
@@ -121,7 +152,7 @@ def test_a_training_step_does_not_sync_the_host():
     step_model = parallelize(model, "fast")
     opts = build_optimizers(model, cfg.optim)
     emas = EMAs(model, cfg.train.ema_halflives_kimg, 8)
-    gen, cpu_gen = torch.Generator(DEV).manual_seed(0), torch.Generator().manual_seed(0)
+    gen, cpu_gen = generators(0)
 
     def one(step):
         with torch.autocast("cuda", dtype=torch.bfloat16):

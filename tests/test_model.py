@@ -73,6 +73,24 @@ def test_layer_jvp_matches_torch_func(name):
         check_jvp(L.BottleneckPatchEmbedder(16, P, 3, 8, D).to(DT), (img,), (torch.randn_like(img),))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_under_autocast_is_its_fp32_result_rounded_once(dtype):
+    """Under bf16 autocast the norm (and its tangent) is the fp32 result rounded once to bf16, for
+    fp32 and bf16 inputs alike: what attention needs to run its bf16 kernels (layers.RMSNorm)."""
+    n = L.RMSNorm(40)
+    torch.nn.init.normal_(n.weight)
+    x, x_dot = torch.randn(3, 7, 40).to(dtype), torch.randn(3, 7, 40).to(dtype)
+    y32, y32_dot = n.jvp(x.float(), x_dot.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_dot = n.jvp(x, x_dot)
+        y_fwd = n(x)
+    assert y.dtype == y_dot.dtype == y_fwd.dtype == torch.bfloat16
+    assert torch.equal(y, y32.bfloat16()) and torch.equal(y_fwd, y)
+    assert torch.equal(y_dot, y32_dot.bfloat16())
+    y.float().square().sum().backward()
+    assert n.weight.grad.dtype == torch.float32 and n.weight.grad.abs().max() > 0
+
+
 def test_model_jvp_matches_torch_func():
     model = tiny()
     x, t, r, omega, t_min, t_max, y = inputs(model)
