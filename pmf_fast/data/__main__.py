@@ -6,6 +6,7 @@
 """
 import argparse
 import os
+import signal
 import sys
 
 from .check import scan_images
@@ -27,9 +28,18 @@ def check(a):
     return 1 if result["bad"] else 0
 
 
+class Stopped(Exception):
+    """prepare was stopped by a signal; the finished shards are kept."""
+
+
+def _stop(signum, frame):
+    raise Stopped(f"stopped by {signal.Signals(signum).name}")
+
+
 def prepare(a):
     from .prepare import prepare as run
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    signal.signal(signal.SIGTERM, _stop)             # as Ctrl-C: the pool is stopped, unfinished shards removed
     if world > 1:                            # gloo on any machine: the ranks only agree and wait
         import datetime
 
@@ -75,12 +85,17 @@ def main(argv=None):
     c.add_argument("dst")
     c.add_argument("--workers", type=int, default=None)
     a = p.parse_args(argv)
+    from ..dist import RankFailed
     from .prepared import PreparedError
     try:
         return {"check": check, "prepare": prepare, "verify": verify}[a.cmd](a)
-    except (FileNotFoundError, PermissionError, PreparedError, ValueError) as e:
+    except (FileNotFoundError, PermissionError, PreparedError, ValueError, RankFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Stopped) as e:
+        print(f"{a.cmd} {str(e) or 'stopped by Ctrl-C'}: what is finished is kept; run the same command again to "
+              "continue", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
 
 
 if __name__ == "__main__":

@@ -10,10 +10,14 @@ Scans decode every image fully (in worker processes; under torch.distributed eac
 the list of files with their sizes and mtimes, so a changed dataset is scanned again. A prepared
 dataset (`python -m pmf_fast.data prepare`) needs no scan at all: its manifest lists the unusable files.
 """
+import ctypes
 import hashlib
 import json
 import os
+import signal
+import sys
 import threading
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 
@@ -23,6 +27,7 @@ from PIL import Image
 
 from ..atomic import atomic_write
 
+PR_SET_PDEATHSIG = 1                       # linux/prctl.h: a signal for this process when its parent exits
 SUPPORTED = {"JPEG", "PNG", "BMP", "PPM", "TIFF", "WEBP"}
 _limit_lock = threading.Lock()
 
@@ -98,6 +103,27 @@ def inspect_image(path):
     return None, note, rgb
 
 
+def worker_init():
+    """Start of a pool worker: it dies with the process that started it and leaves Ctrl-C to it (that
+    process stops the pool and prints one line). Without this a kill -9 or SIGTERM of prepare left
+    the workers alive, blocked on their task pipe, and Ctrl-C printed one traceback per process.
+    The initializer of the scan's pool here and of prepare's."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):                     # the kernel's SIGKILL when the parent exits
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()   # elsewhere, and the race
+
+
+def _exit_with_parent(parent, every=0.5):
+    while os.getppid() == parent:                            # re-parented: the parent has gone
+        time.sleep(every)
+    os._exit(1)
+
+
 def _signature(files):
     h = hashlib.sha256()
     for f in files:
@@ -132,7 +158,7 @@ def _check_files(files, workers):
     """check_image over the files in `workers` processes: [(problem, note)]."""
     if not files:
         return []
-    with ProcessPoolExecutor(workers) as ex:
+    with ProcessPoolExecutor(workers, initializer=worker_init) as ex:
         return list(ex.map(check_image, files, chunksize=64))
 
 

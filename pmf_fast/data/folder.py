@@ -23,9 +23,11 @@ def center_crop_arr(pil_image, image_size):
     return arr[top:top + image_size, left:left + image_size]
 
 
-def scan_folder(root, all_files=False):
+def scan_folder(root, all_files=False, unreadable=None):
     """(files, labels, classes): sorted class folders -> 0..K-1, as torchvision's ImageFolder.
-    Image extensions only, unless all_files (the checker looks at every file)."""
+    Image extensions only, unless all_files (the checker looks at every file). A folder that cannot
+    be listed (no read permission) keeps its class, without its images: it goes into the dict
+    `unreadable` ({"<class>/<sub>/": reason}) when one is given, else into a warning."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset directory {root!r} does not exist; pass train.data=<ImageFolder root> "
                                 "(root/<class>/<image>) or train.data=digits")
@@ -35,13 +37,21 @@ def scan_folder(root, all_files=False):
         raise PermissionError(f"dataset directory {root!r} is not readable") from None
     if not classes:
         raise ValueError(f"dataset directory {root!r} has no class folders; expected root/<class>/<image>")
-    files, labels = [], []
+    files, labels, missed = [], [], {}
+
+    def onerror(e):                            # os.walk would skip the folder without a word
+        missed[os.path.relpath(e.filename, root) + "/"] = f"folder not readable ({e.strerror}): its images are left out"
     for i, c in enumerate(classes):
-        for dirpath, _, names in sorted(os.walk(os.path.join(root, c))):
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, c), onerror=onerror)):
             for n in sorted(names):
                 if all_files or n.lower().endswith(IMG_EXTENSIONS):
                     files.append(os.path.join(dirpath, n))
                     labels.append(i)
+    if unreadable is not None:
+        unreadable.update(missed)
+    elif missed:
+        warnings.warn(f"{len(missed)} folder(s) of {root} cannot be read, their images are left out (fix their "
+                      "permissions): " + "; ".join(f"{d}: {why}" for d, why in missed.items()), stacklevel=2)
     if not files:
         raise ValueError(f"dataset directory {root!r} has class folders but no images ({', '.join(IMG_EXTENSIONS)})")
     return files, labels, classes

@@ -10,6 +10,8 @@ of an ImageFolder once, into the uint8 shards of pmf_fast/data/prepared.py.
              size or listing is refused
 The shards' file space is reserved (posix_fallocate) before any worker writes into the mapping:
 a full disk is then an ENOSPC error in the main process, not a SIGBUS in a worker.
+The workers die with the process that started them (kill -9 included) and leave Ctrl-C to it; under
+torchrun a rank that fails stops the others with its line at the next point where ranks wait.
 """
 import errno
 import hashlib
@@ -22,8 +24,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 import numpy as np
 
 from ..atomic import atomic_write, clean_temporaries, temporary_path
+from ..dist import agreed
 from . import prepared as P
-from .check import inspect_image
+from .check import inspect_image, worker_init
 from .folder import center_crop_arr, scan_folder
 
 CHUNK = 32                                 # files per worker task: ~0.3 s of decoding, a smooth progress bar
@@ -31,6 +34,16 @@ CHUNK = 32                                 # files per worker task: ~0.3 s of de
 
 class NoSpace(P.PreparedError):
     """DST's file system is full."""
+
+
+def _dst_error(e, dst):
+    """An OSError met writing DST as one line with its remedy (a full disk: NoSpace); others as they are."""
+    if e.errno == errno.ENOSPC:
+        return NoSpace(f"no space left on {dst}")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and str(e.filename or "").startswith(dst):
+        return P.PreparedError(f"cannot write to {dst} ({e.strerror}: {e.filename}): choose a DST this user can "
+                               "write to, or give it write permission, and run the same command again")
+    return e
 
 
 def crop_chunk(tmp, planned, size, paths, slot):
@@ -139,19 +152,6 @@ def _check_plan(dst, plan):
     return None
 
 
-def _collective(rank, world):
-    """(agree, barrier): agree(x) gives every rank the list of all ranks' x (one rank: [x])."""
-    if world == 1:
-        return (lambda x: [x]), (lambda: None)
-    import torch.distributed as dist
-
-    def agree(x):
-        out = [None] * world
-        dist.all_gather_object(out, x)
-        return out
-    return agree, dist.barrier
-
-
 def prepare(src, dst, image_size=256, shard_size=None, workers=None, rank=0, world=1, log=print, progress=True):
     """Prepare SRC (root/<class>/<image>) into DST as rank `rank` of `world` (the ranks share the
     shards); rank 0 writes the manifest once all shards are recorded. Returns the manifest."""
@@ -160,57 +160,66 @@ def prepare(src, dst, image_size=256, shard_size=None, workers=None, rank=0, wor
     src, dst = os.path.abspath(src), os.path.abspath(dst)
     if os.path.commonpath([src, dst]) == src:
         raise P.PreparedError(f"DST {dst} is inside SRC {src}: it would be read as a class; choose another DST")
-    files, labels, classes = scan_folder(src)
-    rel = [os.path.relpath(f, src) for f in files]
-    shard_size = shard_size or P.default_shard_size(image_size)
-    listing = hashlib.sha256("".join(f"{r}\0{y}\n" for r, y in zip(rel, labels)).encode()).hexdigest()
-    plan = {"format": P.FORMAT, "source": src, "image_size": image_size, "shard_size": shard_size,
-            "num_files": len(files), "classes": classes, "listing_sha256": listing}
-    agree, barrier = _collective(rank, world)
-    refusal = _check_plan(dst, plan) if rank == 0 else None
-    refusal = agree(refusal)[0]
-    if refusal:
-        raise P.PreparedError(refusal)
+    # every step that ranks wait after is agreed (pmf_fast/dist.agreed): a rank that fails there stops
+    # them all with its line, where it would otherwise leave them waiting for hours (the gloo timeout)
+    with agreed(f"preparing {dst}"):
+        unreadable = {}
+        files, labels, classes = scan_folder(src, unreadable=unreadable)
+        if unreadable:
+            log(f"warning: {len(unreadable)} folder(s) of {src} cannot be read, their images are left out "
+                "(fix their permissions and prepare into a new DST to include them): "
+                + "; ".join(f"{d}: {why}" for d, why in unreadable.items()))
+        rel = [os.path.relpath(f, src) for f in files]
+        shard_size = shard_size or P.default_shard_size(image_size)
+        listing = hashlib.sha256("".join(f"{r}\0{y}\n" for r, y in zip(rel, labels)).encode()).hexdigest()
+        plan = {"format": P.FORMAT, "source": src, "image_size": image_size, "shard_size": shard_size,
+                "num_files": len(files), "classes": classes, "listing_sha256": listing}
+        if unreadable:                               # a key only when needed: plans begun before it still match
+            plan["unreadable"] = unreadable
+        try:
+            refusal = _check_plan(dst, plan) if rank == 0 else None
+        except OSError as e:
+            raise _dst_error(e, dst) from None
+        if refusal:
+            raise P.PreparedError(refusal)
 
     n_shards = math.ceil(len(files) / shard_size)
     span = lambda k: range(k * shard_size, min(len(files), (k + 1) * shard_size))     # noqa: E731
     mine = list(range(rank, n_shards, world))
-    for k in mine:                                           # left by a killed run of this rank's shards
-        clean_temporaries(dst, P.shard_name(k))
-    todo = [k for k in mine if _record(dst, k, image_size) is None]
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    workers = workers or max(1, (os.cpu_count() or 1) // local_world)
-    log(f"prepare {src} -> {dst}: {len(files):,} files in {len(classes)} classes, {n_shards} shards of "
-        f"{shard_size} at {image_size} px ({image_size * image_size * 3:,} bytes/image); this rank: "
-        f"{len(mine) - len(todo)} of {len(mine)} shards already done; {workers} worker processes")
     try:
-        _run(dst, todo, span, files, rel, labels, image_size, workers, progress and rank == 0)
-        error = None
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        error = "ENOSPC"
-    errors = agree(error)
-    if any(errors):
+        with agreed(f"preparing {dst}"):
+            try:
+                for k in mine:                       # left by a killed run of this rank's shards (any host)
+                    clean_temporaries(dst, P.shard_name(k), all_hosts=True)
+                todo = [k for k in mine if _record(dst, k, image_size) is None]
+                local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+                workers = workers or max(1, (os.cpu_count() or 1) // local_world)
+                log(f"prepare {src} -> {dst}: {len(files):,} files in {len(classes)} classes, {n_shards} shards of "
+                    f"{shard_size} at {image_size} px ({image_size * image_size * 3:,} bytes/image); this rank: "
+                    f"{len(mine) - len(todo)} of {len(mine)} shards already done; {workers} worker processes")
+                _run(dst, todo, span, files, rel, labels, image_size, workers, progress and rank == 0)
+            except OSError as e:
+                raise _dst_error(e, dst) from None
+    except NoSpace:                                  # every rank has stopped: count what is finished
         done = sum(_record(dst, k, image_size) is not None for k in range(n_shards))
         raise NoSpace(f"no space left on {dst}: free space and run the same command again to continue "
-                      f"({done} of {n_shards} shards finished)")
-    barrier()
+                      f"({done} of {n_shards} shards finished)") from None
     manifest = None
-    if rank == 0:
-        try:
-            manifest = _write_manifest(dst, plan, n_shards)
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            raise NoSpace(f"no space left on {dst}: free space and run the same command again to finish "
-                          f"(all {n_shards} shards are written)") from None
-        bad = manifest["unusable"]
-        log(f"prepared {manifest['num_images']:,} images in {dst} ({manifest['bytes'] / 2**30:.2f} GiB); "
-            f"{len(bad)} unusable files left out{': ' if bad else ''}"
-            + "; ".join(f"{f}: {r}" for f, r in list(bad.items())[:5]) + (" ..." if len(bad) > 5 else "")
-            + f"; {manifest['converted']} converted to RGB")
-    barrier()
+    with agreed(f"writing the manifest of {dst}"):
+        if rank == 0:
+            try:
+                manifest = _write_manifest(dst, plan, n_shards)
+            except OSError as e:
+                e = _dst_error(e, dst)
+                if isinstance(e, NoSpace):
+                    e = NoSpace(f"no space left on {dst}: free space and run the same command again to finish "
+                                f"(all {n_shards} shards are written)")
+                raise e from None
+            bad = manifest["unusable"]
+            log(f"prepared {manifest['num_images']:,} images in {dst} ({manifest['bytes'] / 2**30:.2f} GiB); "
+                f"{len(bad)} unusable files left out{': ' if bad else ''}"
+                + "; ".join(f"{f}: {r}" for f, r in list(bad.items())[:5]) + (" ..." if len(bad) > 5 else "")
+                + f"; {manifest['converted']} converted to RGB")
     return manifest
 
 
@@ -223,7 +232,7 @@ def _run(dst, todo, span, files, rel, labels, size, workers, progress):
         from tqdm import tqdm
         bar = tqdm(total=sum(len(span(k)) for k in todo), unit="img", desc="prepare", dynamic_ncols=True,
                    smoothing=0.05)
-    ex = ProcessPoolExecutor(workers) if workers > 1 else _Inline()
+    ex = ProcessPoolExecutor(workers, initializer=worker_init) if workers > 1 else _Inline()
     open_shards, pending = {}, {}
     try:
         task = next(tasks, None)
@@ -276,7 +285,8 @@ def _write_manifest(dst, plan, n_shards):
     manifest = {"format": P.FORMAT, "source": plan["source"], "image_size": size, "crop": P.CROP,
                 "pillow": PIL.__version__, "classes": plan["classes"], "num_files": plan["num_files"],
                 "num_images": int(len(labels)), "bytes": int(len(labels)) * size * size * 3 + P.HEADER * n_shards,
-                "unusable": {f: why for r in records for f, why in r["unusable"].items()},
+                "unusable": {**plan.get("unreadable", {}),
+                             **{f: why for r in records for f, why in r["unusable"].items()}},
                 "converted": sum(r["converted"] for r in records),
                 "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
                 "created": time.strftime("%Y-%m-%d %H:%M:%S"),
