@@ -1,8 +1,10 @@
 """Perceptual losses on the u-head's x prediction (paper App. A; official utils/auxloss_util.py):
 LPIPS-VGG (the `lpips` package) and the ConvNeXt-V2-Base pooled-feature loss (timm), both on one
-paired random-resized crop to 224 (scale (0.08, 1), ratio (3/4, 4/3), bicubic with antialias; by
-default the official one-draw rule with clipped sides, see crop_params), images in [-1, 1] without
-ImageNet normalisation, networks frozen in eval mode.
+paired random-resized crop to 224 (scale (0.08, 1), ratio (3/4, 4/3); by default the official
+one-draw rule with clipped sides, see crop_params; resampled bicubic with antialias over the whole
+image as the official jax.image.scale_and_translate, see resize_weights), images in [-1, 1] without
+ImageNet normalisation, networks frozen in eval mode, run on the samples with t < perceptual_max_t
+only (kept_rows).
 
 Nothing downloads. Weight files:
   VGG16 (LPIPS trunk): vgg16-397923af.pth in $TORCH_HOME/hub/checkpoints/ (torchvision's cache),

@@ -323,3 +323,23 @@ def test_compiled_networks_compile_once_per_bucket():
             assert ((lp > 0) == keep).all() and ((cn > 0) == keep).all()
     assert counter.frame_count == 8, counter.frame_count
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu(reason="the pinned host copy of the kept mask and its CUDA event need a GPU")
+def test_kept_mask_reaches_the_host_and_the_gather_equals_masking_on_cuda(dev="cuda"):
+    """On a GPU the kept mask comes to the host through start_host_copy (pinned, an event), and the
+    networks on the kept samples give the distances and input gradient of every sample masked (fp64,
+    so no TF32 convolution picks a batch-size-dependent result)."""
+    keep_dev = torch.rand(12, device=dev) < 0.6
+    keep = P.start_host_copy(keep_dev)()
+    assert keep.device.type == "cpu" and torch.equal(keep, keep_dev.cpu())
+    loss_fn = P.PerceptualLoss(0.4, 0.1, weights="random", convnext_name="convnextv2_atto", size=32).to(dev).double()
+    x = torch.rand(12, 3, 40, 40, device=dev, dtype=torch.float64) * 2 - 1
+    x_hat = (x + 0.2 * torch.randn_like(x)).requires_grad_()
+    gathered = loss_fn(x_hat, x, 5, keep)
+    masked = [v * keep_dev for v in loss_fn(x_hat, x, 5)]
+    for got, want in zip(gathered, masked):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+    g1, = torch.autograd.grad(sum(v.sum() for v in gathered), x_hat)
+    g2, = torch.autograd.grad(sum(v.sum() for v in masked), x_hat)
+    assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-14) and (g1[~keep_dev] == 0).all()
