@@ -29,6 +29,8 @@ import zipfile
 import numpy as np
 import torch
 
+from .atomic import atomic_write
+
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 ADM_REF_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/{size}/VIRTUAL_imagenet{size}_labeled.npz"
@@ -143,7 +145,6 @@ def prepared_reference(root, extractor, image_size=None, batch=200, keep=10000):
     root (fid_stats-<key>.npz, keyed by the extractor and the shards' checksums) for the next start."""
     import hashlib
 
-    from .atomic import atomic_write
     from .data.prepared import open_prepared
     ds = open_prepared(root, image_size)
     name = getattr(extractor, "name", None)
@@ -177,9 +178,9 @@ def prepared_reference(root, extractor, image_size=None, batch=200, keep=10000):
     return st, real
 
 
-def reference(ref, extractor, image_size=None, batch=200):
+def reference(ref, extractor, image_size=None, batch=200, features=True):
     """(stats, features for precision/recall or None) from an ADM .npz, a prepared dataset, or a
-    folder of images."""
+    folder of images. features=False skips the features of an ADM batch's 10k images (FID alone)."""
     from .data.prepared import is_prepared
     if os.path.isdir(ref) and is_prepared(ref):
         return prepared_reference(ref, extractor, image_size, batch)
@@ -205,7 +206,7 @@ def reference(ref, extractor, image_size=None, batch=200):
                  "again, or pass another --ref")
     if "mu" in z and "sigma" in z:
         st = {"mu": z["mu"].astype(np.float64), "sigma": z["sigma"].astype(np.float64)}
-        real = extract(extractor, z["arr_0"], batch)[0] if "arr_0" in z else None
+        real = extract(extractor, z["arr_0"], batch)[0] if "arr_0" in z and features else None
         return st, real
     if "arr_0" in z:
         pool, _ = extract(extractor, z["arr_0"], batch)
@@ -235,7 +236,6 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="metrics JSON (default: next to the samples)")
     a = p.parse_args(argv)
-    from .atomic import atomic_write
     out = a.out or os.path.splitext(a.samples)[0] + ".metrics.json"
     try:                                       # bad input: one line (the problem, the remedy), exit 1
         samples = load_samples(a.samples)

@@ -195,7 +195,8 @@ class TrainSampling:
             with dist.agreed("computing the FID reference statistics"):
                 try:
                     extractor = InceptionExtractor(device)
-                    ref_stats = reference(cfg.train.fid_ref, extractor, cfg.model.image_size)[0] if rank == 0 else None
+                    ref_stats = (reference(cfg.train.fid_ref, extractor, cfg.model.image_size, features=False)[0]
+                                 if rank == 0 else None)
                     self.fid_setup = (extractor, ref_stats)
                 except (FileNotFoundError, ValueError) as e:
                     skip = str(e)

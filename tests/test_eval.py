@@ -82,6 +82,8 @@ def test_pipeline_with_stand_in_extractor(tmp_path):
     pool, _ = E.extract(ex, ref)
     np.savez(tmp_path / "adm.npz", mu=pool.mean(0), sigma=np.cov(pool, rowvar=False), arr_0=ref)
     assert np.isclose(E.evaluate(noisy, str(tmp_path / "adm.npz"), ex)["fid"], other["fid"])
+    st, feats = E.reference(str(tmp_path / "adm.npz"), ex, features=False)   # training's FID: no 10k features
+    assert feats is None and np.array_equal(st["sigma"], np.cov(pool, rowvar=False))
 
 
 def test_missing_files_name_what_where_and_source(tmp_path, monkeypatch):
