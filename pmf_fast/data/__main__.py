@@ -28,8 +28,9 @@ def check(a):
     return 1 if result["bad"] else 0
 
 
-class Stopped(Exception):
-    """prepare was stopped by a signal; the finished shards are kept."""
+class Stopped(BaseException):
+    """prepare was stopped by a signal; the finished shards are kept. A BaseException, as Ctrl-C's
+    KeyboardInterrupt: no rank waits in an agreement for ranks still at work (torchrun stops them)."""
 
 
 def _stop(signum, frame):
