@@ -525,7 +525,7 @@ class TrainState:
         ranks = state["ranks"]
         listed = lambda s: s if isinstance(s, list) else [s]              # one stream per rank before accumulation
         streams = [pair for r in ranks for pair in zip(listed(r["rng"]), listed(r["cpu_rng"]))]
-        saved_micro = len(streams) // len(ranks)
+        saved_micro = len(streams) // max(1, len(ranks))
         if len(streams) == self.world * self.micro:                      # the same virtual ranks
             first = self.rank * self.micro
             for g, c, (rng, cpu_rng) in zip(self.gens, self.cpu_gens, streams[first:first + self.micro]):

@@ -186,7 +186,7 @@ def test_train_and_resume_under_torchrun(tmp_path, parallel):
 
 def _skip_worker(rank, world, init_file, out_dir, parallel):
     """train.nonfinite=skip on several ranks: a step whose loss is NaN still runs the backward that
-    DDP / FSDP2 set up in the forward (on loss * 0), then drops its gradients; the next step works."""
+    DDP / FSDP2 set up in the forward (its gradients NaN), then drops its gradients; the next step works."""
     with gloo_group(rank, world, init_file):
         cfg, model, x, y, draws = problem()
         step_model = parallelize(model, "eager", parallel, "none", 0, torch.device("cpu"))
@@ -194,7 +194,8 @@ def _skip_worker(rank, world, init_file, out_dir, parallel):
         sl = slice(rank * B // world, (rank + 1) * B // world)
         before = whole_params(model)
         loss, _ = pmf_loss(step_model, x[sl], y[sl], part(draws[0], sl), cfg.objective, cfg.model.num_classes)
-        (loss * float("nan")).mul(0).backward()                       # what train.py does on a skipped step
+        (loss * float("nan")).backward()                              # what train.py does on a skipped step
+        assert any(not torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
         opts.zero_grad()
         loss, _ = pmf_loss(step_model, x[sl], y[sl], part(draws[1], sl), cfg.objective, cfg.model.num_classes)
         loss.backward()
