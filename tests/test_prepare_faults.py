@@ -137,6 +137,16 @@ def _prepare_logged(src, dst):
     return lines
 
 
+def _check_output(src):
+    """The exit status and the output of `python -m pmf_fast.data check SRC`."""
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = data_main(["check", src, "--no-cache", "--workers", "1"])
+    return [rc, out.getvalue()]
+
+
 def _cli_errors(src, *dsts):
     """The exit status and the last stderr line of `prepare SRC DST` for each DST."""
     import contextlib
@@ -180,6 +190,8 @@ def test_an_unreadable_class_folder_is_listed_and_warned_about(photos, open_tree
     assert m["classes"] == ["china", "flower", "locked"] and m["num_images"] == open_prepared(photos[1]).manifest[
         "num_images"]
     assert "locked/: folder not readable" in lines[-1]                        # and in the closing summary
+    rc, out = _as_nobody(_check_output, src)                                 # and the checker names it
+    assert rc == 1 and f"BAD  {src}/locked/: folder not readable (Permission denied)" in out, out
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run the prepare as the user nobody")

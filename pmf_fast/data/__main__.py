@@ -14,8 +14,11 @@ from .folder import scan_folder
 
 
 def check(a):
-    files, _, classes = scan_folder(a.dir, all_files=True)
+    unreadable = {}
+    files, _, classes = scan_folder(a.dir, all_files=True, unreadable=unreadable)
     result = scan_images(files, a.workers, cache=not a.no_cache)
+    for folder, reason in sorted(unreadable.items()):
+        print(f"BAD  {os.path.join(a.dir, folder)}: {reason} (fix its permissions)")
     for path, reason in sorted(result["bad"].items()):
         print(f"BAD  {path}: {reason}")
     kinds = {}
@@ -24,8 +27,9 @@ def check(a):
     for note, n in sorted(kinds.items()):
         print(f"OK   {n} image(s) {note} to RGB on load")
     print(f"{len(files)} files in {len(classes)} classes: {len(files) - len(result['bad'])} usable, "
-          f"{len(result['bad'])} unusable (excluded from training)")
-    return 1 if result["bad"] else 0
+          f"{len(result['bad'])} unusable (excluded from training)"
+          + (f"; {len(unreadable)} folder(s) not readable" if unreadable else ""))
+    return 1 if result["bad"] or unreadable else 0
 
 
 class Stopped(BaseException):
