@@ -91,13 +91,14 @@ class RMSNorm(nn.Module):
     weight rounded once to the autocast dtype, outside autocast x's dtype times the weight.
 
     Why the autocast dtype: the q/k norms feed attention (through RoPE, which keeps the dtype), and
-    autocast casts matmuls, not custom kernels or elementwise products. Returning x's dtype times the
-    fp32 weight promoted the bf16 projections to fp32, and every attention call of a bf16 step then
-    ran the fp32 kernels: IEEE dots without tensor cores, the forward+tangent kernel spilling
+    autocast casts matmuls, not custom kernels or elementwise products. x's dtype times the fp32
+    weight would promote the bf16 projections to fp32, and every attention call of a bf16 step would
+    run the fp32 kernels: IEEE dots without tensor cores, the forward+tangent kernel spilling
     3.2-4.6 KiB per thread, and the two-pass Triton backward instead of PyTorch's flash backward,
-    which takes fp16/bf16 only (kernels/attention.py BACKWARD). The official JAX model keeps fp32
-    activations and parameters, and TPUs run its fp32 matmuls as bf16 passes by default: autocast
-    with fp32 parameters and statistics, matmuls and attention in bf16, is the same split."""
+    which takes fp16/bf16 only (kernels/attention.py BACKWARD). The official JAX model sets no dtype
+    (fp32 parameters and activations, softmax in fp32) and runs on TPUs, whose default precision
+    runs fp32 matmuls as bf16 passes: autocast with fp32 parameters, statistics and residual stream,
+    matmuls and attention in bf16, is the same split."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -108,7 +109,7 @@ class RMSNorm(nn.Module):
         """y32 (fp32, fp64 for fp64 inputs) times the weight, in the dtype the next op computes in."""
         if torch.is_autocast_enabled(like.device.type):
             return (y32 * self.weight).to(compute_dtype(like))
-        return y32.to(like.dtype) * self.weight          # unchanged outside autocast, bit for bit
+        return y32.to(like.dtype) * self.weight          # outside autocast: an fp32 model stays fp32
 
     def forward(self, x):
         x32 = upcast(x)
@@ -219,7 +220,8 @@ def mlp_hidden(dim, ratio):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block with zero-initialised per-channel residual gates."""
+    """Pre-norm block with zero-initialised per-channel residual gates. Under autocast the residual
+    stream (and its tangent) is fp32, a bf16 branch times an fp32 gate; the norms hand bf16 on."""
 
     def __init__(self, dim, num_heads, mlp_ratio, init_constant):
         super().__init__()
