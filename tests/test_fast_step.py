@@ -134,7 +134,8 @@ def test_draw_set_up_gives_a_cpu_generator_beside_a_cuda_one(monkeypatch):
     would sync every step). This file's set-up and bench/bench_memory.py's run here as on a GPU
     machine, their device generators on "CUDA", so a caller that passes no cpu_gen fails on a CPU."""
     from bench.bench_memory import saved_bytes_per_image
-    monkeypatch.setattr(torch, "Generator", CudaClaimingGenerator)
+    if DEV == "cpu":                                  # on a GPU they are on CUDA already
+        monkeypatch.setattr(torch, "Generator", CudaClaimingGenerator)
     cfg, _, x, _, _ = setup()
     with pytest.raises(ValueError, match="cpu_gen"):   # the check runs: the device generator is on "CUDA"
         sample_draws(x, cfg.objective, torch.Generator(DEV).manual_seed(0))
