@@ -15,6 +15,7 @@ from pmf_fast import dist as pdist
 from pmf_fast.config import ConfigError, get_config
 from pmf_fast.data import ShardedBatches
 from pmf_fast.model import PMFDiT
+from pmf_fast.run import TrainState
 
 B = 16                                         # global batch: 4 virtual ranks of 4 images
 
@@ -144,3 +145,40 @@ def test_micro_batch_that_does_not_divide_is_one_line(tmp_path):
         train.check_fits(get_config().model, get_config("pMF-T/4-digits", ["train.batch_size=16",
                                                                             "train.micro_batch=8"]).train, 4)
     assert train.check_fits(get_config().model, get_config("pMF-T/4-digits", ["train.micro_batch=16"]).train, 1) == 4
+
+
+class Position:
+    """The loader's part of TrainState: a position only."""
+
+    def __init__(self):
+        self.pos = {"epoch": 0, "index": 0}
+
+    def state_dict(self):
+        return dict(self.pos)
+
+    def load_state_dict(self, s):
+        self.pos = dict(s)
+
+
+def test_train_state_holds_every_virtual_ranks_streams():
+    """Rank r of W x k starts with (and resumes into) the streams of virtual ranks r*k .. r*k+k-1; a
+    checkpoint from before accumulation (one stream per rank) still resumes exactly."""
+    one = TrainState(Position(), torch.device("cpu"), 42, 0, 1, micro=4)
+    for g in one.gens + one.cpu_gens:
+        torch.rand(3, generator=g)                                      # move every stream on
+    saved = one.state_dict()
+    logged = []
+    half = TrainState(Position(), torch.device("cpu"), 42, 1, 2, micro=2)       # rank 1 of 2 x 2
+    fresh = [torch.rand(3, generator=g) for g in half.gens]
+    assert all(torch.equal(f, torch.rand(3, generator=torch.Generator().manual_seed(42 + v)))
+               for f, v in zip(fresh, (2, 3)))                             # virtual ranks 2 and 3 from the start
+    half.load_state_dict(saved, logged.append)
+    assert logged == ["resuming 1 ranks x 4 micro-batches as 2 x 2: the same virtual ranks, the same steps"]
+    for mine, theirs in zip(half.gens + half.cpu_gens, one.gens[2:] + one.cpu_gens[2:]):
+        assert torch.equal(torch.rand(5, generator=mine), torch.rand(5, generator=theirs))
+    old = {"step": 3, "ranks": [{"rng": one.gens[0].get_state(), "cpu_rng": one.cpu_gens[0].get_state(),
+                                 "data": {"epoch": 1, "index": 2}}]}       # the format before accumulation
+    again = TrainState(Position(), torch.device("cpu"), 42, 0, 1)
+    again.load_state_dict(old, logged.append)
+    assert torch.equal(torch.rand(5, generator=again.gens[0]), torch.rand(5, generator=one.gens[0]))
+    assert again.loader.pos == {"epoch": 1, "index": 2} and len(logged) == 1
