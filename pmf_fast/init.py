@@ -19,7 +19,7 @@ import types
 import torch
 
 from . import dist
-from .checkpoint import META, is_sharded, load_sharded
+from .checkpoint import META, load_sharded
 from .config import ConfigError
 from .ema import EMAs
 from .model import official_to_ours
@@ -53,7 +53,10 @@ def read_init(path, which, model):
         raise ConfigError(f"train.init={path}: no such file (give an official release such as pMF-B-16.pt, or a "
                           "pmf-fast checkpoint ckpt_<step>.pt / ckpt_<step>.dcp)")
     want = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    if os.path.isdir(path) and (is_sharded(path.rstrip("/")) or os.path.isfile(os.path.join(path, META))):
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, META)):
+            raise ConfigError(f"train.init={path} is a directory, not a checkpoint: name one of its checkpoints "
+                              "(ckpt_<step>.pt or ckpt_<step>.dcp) or a release .pt")
         return _read_sharded(path, which, model, want)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)

@@ -99,6 +99,8 @@ def test_a_file_that_does_not_fit_is_one_line_and_leaves_nothing(tmp_path):
         train.main(args(tmp_path, "bad", f"train.init={tmp_path / 'deeper.pt'}"))
     with pytest.raises(ConfigError, match=r"train.init=.*missing.pt: no such file"):
         train.main(args(tmp_path, "bad", f"train.init={tmp_path / 'missing.pt'}"))
+    with pytest.raises(ConfigError, match=r"train.init=.* is a directory, not a checkpoint: name one of its"):
+        train.main(args(tmp_path, "bad", f"train.init={tmp_path}"))
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(ConfigError, match=r"train.init=.*junk.pt: unreadable"):
         train.main(args(tmp_path, "bad", f"train.init={tmp_path / 'junk.pt'}"))
