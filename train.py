@@ -2,6 +2,8 @@
 
     python train.py                                   # embedded default: digits, CPU, < 10 min
     python train.py --preset pMF-B/16 train.data=/data/imagenet/train
+    python train.py --preset pMF-B/16 train.data=... train.micro_batch=64    # one GPU: batch 1024 as 16 x 64
+    python train.py --preset pMF-B/16 --name ft train.data=... train.init=pMF-B-16.pt   # from the release
     torchrun --standalone --nproc-per-node=8 train.py --preset pMF-B/16 train.data=/data/imagenet/train
     torchrun --nnodes=4 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 \
         --rdzv-id=$JOB --max-restarts=3 train.py --preset pMF-H/16 train.parallel=fsdp train.data=...
