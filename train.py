@@ -119,8 +119,9 @@ def main(argv=None):
             losses, terms = [], {}
             for i, (xi, yi) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
                 draws = sample_draws(xi, o, state.gens[i], state.cpu_gens[i])
-                with dist.gradient_sync(step_model, i == micro - 1), autocast:
-                    loss, parts = pmf_loss(step_model, xi, yi, draws, o, m.num_classes, perceptual, impl)
+                with dist.gradient_sync(step_model, i == micro - 1):
+                    with autocast:                   # the forward only: the backward follows the forward's dtypes
+                        loss, parts = pmf_loss(step_model, xi, yi, draws, o, m.num_classes, perceptual, impl)
                     (loss / micro).backward()
                 losses.append(loss.detach())
                 terms = {k: terms.get(k, 0) + v / micro for k, v in parts.items()}   # the whole batch's means
