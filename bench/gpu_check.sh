@@ -23,10 +23,11 @@ quick=0
 [[ "${1:-}" == "--quick" ]] && quick=1
 budget=${PMF_GPU_CHECK_SECONDS:-$((quick ? 170 : 560))}   # stages stop here; the report takes ~5 s more
 b16="pMF-B/16"                                             # pytest -k over bench_train_step.py's ids
-dry=${PMF_GPU_CHECK_DRY:-0}
+dry=${PMF_GPU_CHECK_DRY:-0} fast_lane=()
 if [[ "$dry" == 1 ]]; then
     export PMF_BENCH_SMOKE=1 TRITON_INTERPRET=1
     card=cpu-dry b16="pMF-XS"                              # the smoke run's one train-step case
+    fast_lane=(-m "not slow")      # the interpreter is slow: tests/test_fast_step.py alone ran past 45 s
 else
     "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: nothing to check')" || exit 1
     card=$("$py" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
@@ -110,11 +111,11 @@ if ((quick == 0)); then
     run_stage 30 "memory benchmark: B/16" bench/bench_memory.py -k "not L/16 and not H/16"
     # (c) the GPU tests, one file at a time, each under its own limit; then every gpu-marked test
     # elsewhere (the CUDA loader, the perceptual crop's no-sync check)
-    run_stage 15 "GPU tests: tests/test_newton_schulz.py" tests/test_newton_schulz.py
-    run_stage 25 "GPU tests: tests/test_patch_embed.py" tests/test_patch_embed.py
-    run_stage 45 "GPU tests: tests/test_fast_step.py" tests/test_fast_step.py
+    run_stage 15 "GPU tests: tests/test_newton_schulz.py" tests/test_newton_schulz.py "${fast_lane[@]}"
+    run_stage 25 "GPU tests: tests/test_patch_embed.py" tests/test_patch_embed.py "${fast_lane[@]}"
+    run_stage 45 "GPU tests: tests/test_fast_step.py" tests/test_fast_step.py "${fast_lane[@]}"
     run_stage 30 "GPU tests: -m gpu (data, perceptual)" tests/test_data_prepared.py tests/test_perceptual.py -m gpu
-    run_stage 180 "GPU tests: tests/test_attention.py" tests/test_attention.py
+    run_stage 180 "GPU tests: tests/test_attention.py" tests/test_attention.py "${fast_lane[@]}"
     # (d) attention's candidate tiles (a compile each), then the larger presets with whatever time is left
     run_stage 40 "attention tiles" bench/bench_attention.py -k tiles
     if [[ "$dry" != 1 ]]; then                         # the smoke run has no L/16 or H/16 case
