@@ -108,7 +108,8 @@ def test_perceptual_share_of_step(benchmark):
     cuda = dev == "cuda"
     preset, batch, crop, convnext = (("pMF-B/16", 32, 224, "convnextv2_base") if cuda else
                                      ("pMF-T/4-digits", 16, 32, "convnextv2_atto"))
-    m = get_config(preset, [] if cuda else ["model.image_size=64", "model.in_channels=3"]).model
+    px = 32 if SMOKE else 64                                 # the smoke run only checks that it runs
+    m = get_config(preset, [] if cuda else [f"model.image_size={px}", "model.in_channels=3"]).model
     o = get_config("pMF-B/16").objective                     # the B/16 time sampler, t < 0.8, both terms on
     torch.manual_seed(0)
     model = PMFDiT(m).to(dev)
@@ -153,7 +154,7 @@ def test_perceptual_share_of_step(benchmark):
     frac = kept_fraction(o)
     flop_share = {"masked": per_sample / (model_f + per_sample),
                   "gathered": frac * per_sample / (model_f + frac * per_sample)}
-    where = f"{preset}{'' if cuda else ' 64 px RGB'}, batch {batch}, LPIPS + {convnext} at {crop}"
+    where = f"{preset}{'' if cuda else f' {px} px RGB'}, batch {batch}, LPIPS + {convnext} at {crop}"
     for name, label in (("masked", "every sample, masked"), ("gathered", "kept samples only")):
         record(benchmark, "perceptual share of a step", f"{where}: {label}", ms[name],
                baseline=("every sample, masked", ms["masked"]) if name == "gathered" else None,
