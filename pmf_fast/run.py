@@ -539,8 +539,8 @@ class TrainState:
                 g.manual_seed(self.seed + v + 7919 * self.step)
                 c.manual_seed(self.seed + v + 7919 * self.step)
             split = lambda w, k: f"{w}-rank" + (f" x {k}-micro-batch" if k > 1 else "")
-            log(f"resuming on {split(self.world, self.micro)} from a {split(len(ranks), saved_micro)} run: fresh "
-                "random streams")
+            mine = f"{self.world} ranks" + (f" x {self.micro} micro-batches" if self.micro > 1 else "")
+            log(f"resuming on {mine} from a {split(len(ranks), saved_micro)} run: fresh random streams")
         if len(ranks) == self.world:
             self.loader.load_state_dict(ranks[self.rank]["data"])
         elif "epoch" in ranks[0]["data"]:              # index-based positions are the same on every rank
