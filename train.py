@@ -56,6 +56,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------ the run, found, checked and claimed before any write
     run = Run(args.preset, args.name, args.resume, overrides, rank, print if is_main else (lambda s: None))
+    stopper = None
     try:
         cfg, m, o, tc = run.cfg, run.cfg.model, run.cfg.objective, run.cfg.train
         if run.stage == "done":
@@ -159,13 +160,14 @@ def main(argv=None):
                 break
             if tuner and (log_step or ckpt_step or sampling.due(state.step)):
                 tuner.pause()                        # that step's time was not all training
-        stopper.close()
 
         end_of_run(stopper, state, sampling, log)
         log.close()
         dist.cleanup()
         return run.dir
-    finally:
+    finally:                                         # however main ends: the signal handlers go, the lock too
+        if stopper is not None:
+            stopper.close()
         run.close()
         torch.set_num_threads(threads)
 
@@ -175,7 +177,7 @@ def end_of_run(stopper, state, sampling, log):
     if stopper.lock_lost:
         log.close()
         dist.cleanup()
-        raise RunBusy(f"stopped at step {state.step}: {stopper.reason}: another run took over {sampling.run_dir}; "
+        raise RunBusy(f"stopped at step {state.step}: {stopper.reason}: another run took over {log.run_dir}; "
                       "this run wrote nothing more there. Let that run finish, or stop it and run this command "
                       "again to continue from the newest checkpoint")
     if stopper.nonfinite:

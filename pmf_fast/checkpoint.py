@@ -93,12 +93,27 @@ def save_checkpoint(run_dir, step, state, keep=2):
     path = os.path.join(run_dir, f"ckpt_{step:08d}.pt")
     try:
         atomic_write(path, lambda f: torch.save(state, f))
-    except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint {os.path.basename(path)} in {run_dir!r}: "
-                              f"{e.strerror or e} (full disk or no write permission?); "
-                              "the previous checkpoints are intact") from None
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer reports a full disk as RuntimeError "[enforce fail at inline_container.cc]
+        # ... unexpected pos" (checked on a full 1 MB tmpfs); any other RuntimeError is ours to see
+        if isinstance(e, RuntimeError) and "inline_container" not in str(e):
+            raise
+        raise _write_error(path, e) from None
     _rotate(run_dir, keep)
     return path
+
+
+def _write_error(path, e):
+    """CheckpointError for a failed checkpoint write: which file, the disk's free space, the remedy."""
+    run_dir = os.path.dirname(path)
+    try:
+        free = f"{shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    why = getattr(e, "strerror", None) or ("the write stopped short" if isinstance(e, RuntimeError) else str(e))
+    return CheckpointError(f"cannot write checkpoint {os.path.basename(path)} in {run_dir!r}: {why} ({free}; a "
+                           "full disk or no write permission?). The previous checkpoints are intact: free space "
+                           "and run the same command to continue from the newest one")
 
 
 def _rotate(run_dir, keep):
@@ -113,22 +128,21 @@ def save_sharded(run_dir, step, shards, meta, keep=2):
     import torch.distributed.checkpoint as dcp
     path = os.path.join(run_dir, f"ckpt_{step:08d}.dcp")
     tmp, rank0 = path + ".tmp", not dist.is_initialized() or dist.get_rank() == 0
+    error = None
     try:
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
         with _one_process_is_fine():
-            dcp.save(shards, checkpoint_id=tmp)
+            dcp.save(shards, checkpoint_id=tmp)     # a collective: a writer's error reaches every rank
         if rank0:
             atomic_write(os.path.join(tmp, META), lambda f: torch.save(meta, f))
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
             _rotate(run_dir, keep)
-    except OSError as e:
-        raise CheckpointError(f"cannot write checkpoint {os.path.basename(path)} in {run_dir!r}: "
-                              f"{e.strerror or e} (full disk or no write permission?); "
-                              "the previous checkpoints are intact") from None
-    _barrier()
+    except (OSError, RuntimeError) as e:            # DCP wraps its writers' errors in a RuntimeError subclass
+        error = _write_error(path, e)
+    _agree(error)
     return path
 
 
@@ -151,6 +165,18 @@ def _one_process_is_fine():
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def _agree(error):
+    """A barrier that also carries a failed write: every rank raises the first failing rank's
+    CheckpointError, so no rank trains on (or waits in the next collective) after a save that failed."""
+    errors = [error]
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, None if error is None else str(error))
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise CheckpointError(str(first)) from None
 
 
 # ---------------------------------------------------------------------------- load
@@ -237,8 +263,13 @@ class Checkpointer:
         train_state = self.state.state_dict()                  # a collective: every rank's streams
         if self.sharded:
             save_sharded(self.run_dir, step, self._shards(), {"config": self.cfg.to_dict(), "train": train_state})
-        elif not dist.is_initialized() or dist.get_rank() == 0:
-            save_checkpoint(self.run_dir, step, {
-                "model": self.model.state_dict(), "optimizers": self.optimizers.state_dict(),
-                "emas": self.emas.state_dict(), "train": train_state, "config": self.cfg.to_dict()})
-        _barrier()
+            return
+        error = None
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            try:
+                save_checkpoint(self.run_dir, step, {
+                    "model": self.model.state_dict(), "optimizers": self.optimizers.state_dict(),
+                    "emas": self.emas.state_dict(), "train": train_state, "config": self.cfg.to_dict()})
+            except CheckpointError as e:
+                error = e
+        _agree(error)

@@ -322,9 +322,47 @@ def check_choices(cfg: Config) -> None:
                 raise ConfigError(f"{section.name}.{f.name}={value!r}: use {listed}")
 
 
+# (low, high, low included, high included) of the numeric fields whose range the checks below do not cover
+RANGES = {
+    "optim.lr": (0.0, math.inf, False, False),
+    "optim.muon_momentum": (0.0, 1.0, True, False),
+    "optim.adam_eps": (0.0, math.inf, False, False),
+    "optim.weight_decay": (0.0, math.inf, True, False),
+    "optim.ns_steps": (1, math.inf, True, False),
+    "objective.norm_p": (0.0, math.inf, True, False),
+    "objective.norm_eps": (0.0, math.inf, False, False),
+    "objective.lpips_weight": (0.0, math.inf, True, False),
+    "objective.convnext_weight": (0.0, math.inf, True, False),
+    "objective.perceptual_max_t": (0.0, 1.0, True, True),
+    "objective.cfg_beta": (0.0, math.inf, True, False),
+    "train.num_workers": (0, math.inf, True, False),
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every float field is finite (1e999 parses as inf) and the fields in RANGES lie in theirs."""
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        for f in dataclasses.fields(obj):
+            name, value = f"{section.name}.{f.name}", getattr(obj, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ConfigError(f"{name}={value!r} must be a finite number")
+            if name in RANGES:
+                lo, hi, lo_in, hi_in = RANGES[name]
+                if not ((value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)):
+                    bounds = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+                    raise ConfigError(f"{name}={value!r} must be in {bounds}")
+    if not all(0.0 <= b < 1.0 for b in cfg.optim.adam_betas):
+        raise ConfigError(f"optim.adam_betas={cfg.optim.adam_betas} must each be in [0, 1)")
+
+
 def validate(cfg: Config) -> None:
     """Reject configs that cannot train, with a message naming the field."""
     check_choices(cfg)
+    check_ranges(cfg)
     m, o, t, s = cfg.model, cfg.objective, cfg.train, cfg.sample
     if m.image_size % m.patch_size:
         raise ConfigError(f"model.image_size={m.image_size} is not divisible by model.patch_size={m.patch_size}")
