@@ -1,6 +1,6 @@
 """A scaling model, not a measurement: per-GPU compute time of one step from a measured single-GPU
 rate and the analytic FLOPs (pmf_fast/flops.py), beside the bytes each GPU sends per step and their
-time at a given bus bandwidth, for DDP and FSDP2 on 8 GPUs. Prints the README's table.
+time at a given bus bandwidth, for DDP and FSDP2 on 8 GPUs. Prints the table in docs/parallelism.md.
 
     python bench/scaling.py [--tflops 82] [--per-gpu-batch 128] [--gpus 8]
 

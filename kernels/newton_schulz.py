@@ -92,7 +92,7 @@ def _sym_gram(X, A=None, alpha=1.0, beta=0.0):
     """alpha X X^T (+ beta A), X [B, M, K] -> [B, M, M], symmetric tiles computed once."""
     Bn, M, K = X.shape
     out = torch.empty(Bn, M, M, device=X.device, dtype=X.dtype)
-    block, block_k = (16, 16) if interpreting() else (64, 64)   # H100 tuning pending (bench/)
+    block, block_k = (16, 16) if interpreting() else (64, 64)   # 64 x 64: not yet timed on a GPU (bench_newton_schulz)
     tiles = triton.cdiv(M, block)
     _sym_gram_kernel[(tiles * tiles, Bn)](X, A if A is not None else X, out, M, K, alpha, beta,
                                           BLOCK=block, BLOCK_K=block_k, ADD_A=A is not None,

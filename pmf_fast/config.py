@@ -46,7 +46,7 @@ class ModelConfig:
 @dataclass
 class ObjectiveConfig:
     P_mean: float = 0.8            # logit-normal time sampler: t = sigmoid(N(P_mean, P_std))
-    P_std: float = 0.8
+    P_std: float = 0.8            # ... its standard deviation
     tr_uniform: float = 0.0        # fraction of (t, r) redrawn from U[0, 1] (0.1 in the long-run recipe)
     data_proportion: float = 0.5   # fraction of the batch with r = t (flow-matching samples)
     noise_scale: float = 1.0       # eps = noise_scale * N(0, I); image_size / 256 in the paper
@@ -56,7 +56,7 @@ class ObjectiveConfig:
     class_dropout_prob: float = 0.1  # label dropout for CFG
     label_dropout: Literal["first", "bernoulli"] = "first"  # "first": the official cond_drop (docs/official.md)
     norm_p: float = 1.0            # adaptive weight: loss / sg((loss + norm_eps)^norm_p)
-    norm_eps: float = 0.01
+    norm_eps: float = 0.01         # ... its eps (keeps the weight finite as the loss goes to 0)
     lpips_weight: float = 0.4      # LPIPS-VGG perceptual loss weight (0 turns it off)
     convnext_weight: float = 0.1   # ConvNeXt-V2 feature loss weight (0 turns it off)
     perceptual_max_t: float = 0.8  # perceptual terms only where t < this
@@ -66,12 +66,12 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3               # constant, no warm-up (official recipe), for Muon and AdamW
+    lr: float = 1e-3               # constant, no warm-up (official recipe), for Muon and the NAdamW group
     muon_momentum: float = 0.95    # Nesterov momentum of Muon
     ns_steps: int = 5              # Newton-Schulz iterations
     ns_coefficients: tuple = NS_COEFFICIENTS  # quintic (a, b, c), kernels/newton_schulz.py
     adam_betas: tuple = (0.9, 0.95)  # the Adam group (every non-2-D parameter; Nesterov, docs/optim.md)
-    adam_eps: float = 1e-8
+    adam_eps: float = 1e-8         # the Adam group's denominator eps
     weight_decay: float = 0.0      # decoupled, both groups (optax decays only Muon's; 0 in the official recipe)
     warmup_steps: int = 0          # linear learning-rate warm-up from 0 (0 = none, the official recipe)
     decay: Literal["none", "cosine"] = "none"  # cosine to min_lr_ratio x lr at train.steps or time_budget_s
@@ -118,7 +118,7 @@ class TrainConfig:
 class SampleConfig:
     omega: float = 7.5             # CFG scale, a network input (1 NFE)
     t_min: float = 0.1             # guidance interval, a network input
-    t_max: float = 0.8
+    t_max: float = 0.8             # ... its upper end (guidance applies for t in [t_min, t_max])
     num_steps: int = 1             # sampling steps (all paper results are 1-NFE)
     ema: str = "auto"              # "auto" = largest half-life EMA, "raw", or a half-life in kimg
     grid_per_class: int = 8        # samples per class in the PNG grid written during training

@@ -28,7 +28,7 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 
 def split_params(model):
-    """(muon, adamw) parameter lists. The label table is 2-D but is an embedding: AdamW."""
+    """(muon, adamw) parameter lists. The label table is 2-D but is an embedding: the NAdamW group."""
     muon, adamw = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
