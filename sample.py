@@ -28,9 +28,8 @@ import torch
 from pmf_fast import dist
 from pmf_fast.atomic import atomic_write, clean_temporaries
 from pmf_fast.checkpoint import CheckpointError
-from pmf_fast.config import ConfigError, get_config, validate
+from pmf_fast.config import ConfigError, config_diff, get_config, validate
 from pmf_fast.meanflow import to_uint8
-from pmf_fast.run import config_diff
 from pmf_fast.sampling import load_for_sampling, row_labels, sample_images, save_grid
 
 

@@ -23,16 +23,19 @@ import time
 import torch
 
 from pmf_fast import dist, selftest
-from pmf_fast.checkpoint import Checkpointer, CheckpointError
+from pmf_fast.checkpoint import Checkpointer, CheckpointError, TrainState
 from pmf_fast.config import DEFAULT_PRESET, ConfigError, save_config
 from pmf_fast.data import make_loader
 from pmf_fast.ema import EMAs, full
 from pmf_fast.init import init_weights
+from pmf_fast.lock import RunBusy
+from pmf_fast.log import Log, Meter, progress_bar
 from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
-from pmf_fast.muon import build_optimizers
-from pmf_fast.run import END, Log, Meter, Run, RunBusy, Stopper, TrainState, lr_factor, progress_bar
+from pmf_fast.muon import build_optimizers, lr_factor
+from pmf_fast.run import END, Run
 from pmf_fast.sampling import TrainSampling
+from pmf_fast.stop import Stopper
 from pmf_fast.threads import cpu_threads
 
 

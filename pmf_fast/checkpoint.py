@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .atomic import atomic_write, clean_temporaries
+from .dist import all_gather_objects
 
 PATTERN = re.compile(r"ckpt_(\d+)\.(pt|dcp)$")
 META = "meta.pt"                                   # inside a sharded checkpoint: config and training state
@@ -217,10 +218,63 @@ def load_latest(run_dir, log=print, map_location="cpu"):
                           "corrupt (left untouched)")
 
 
+# ---------------------------------------------------------------------------- training state
+class TrainState:
+    """Step, elapsed training seconds, the objective's random streams and the loader's position.
+    A rank running `micro` micro-batches a step holds one pair of streams per micro-batch: those of
+    virtual ranks rank * micro ... rank * micro + micro - 1 of a world * micro-rank run, so that
+    accumulation takes the steps that run takes (gens[i], cpu_gens[i] draw for micro-batch i).
+    state_dict() gathers every rank's streams and positions (a collective); load_state_dict() gives
+    each rank its own: exactly when the virtual world (world * micro) is the same, whatever the split,
+    else fresh streams."""
+
+    def __init__(self, loader, device, seed, rank, world, micro=1):
+        self.loader, self.rank, self.world, self.seed, self.micro = loader, rank, world, seed, micro
+        self.step, self.elapsed, self.finished = 0, 0.0, False
+        first = rank * micro                                             # this rank's first virtual rank
+        self.gens = [torch.Generator(device).manual_seed(seed + v) for v in range(first, first + micro)]
+        self.cpu_gens = [torch.Generator().manual_seed(seed + v) for v in range(first, first + micro)]  # crop seeds
+
+    def state_dict(self):
+        mine = {"rng": [g.get_state().cpu() for g in self.gens], "cpu_rng": [g.get_state() for g in self.cpu_gens],
+                "data": self.loader.state_dict()}
+        ranks = all_gather_objects(mine)
+        return {"step": self.step, "elapsed_s": self.elapsed, "finished": self.finished, "ranks": ranks}
+
+    def load_state_dict(self, state, log, finished=False):
+        """finished: the run's training is over (run_stage "end"): only the end stage is left."""
+        self.step, self.elapsed, self.finished = state["step"], state.get("elapsed_s", 0.0), finished
+        ranks = state["ranks"]
+        listed = lambda s: s if isinstance(s, list) else [s]              # one stream per rank before accumulation
+        streams = [pair for r in ranks for pair in zip(listed(r["rng"]), listed(r["cpu_rng"]))]
+        saved_micro = len(streams) // max(1, len(ranks))
+        if len(streams) == self.world * self.micro:                      # the same virtual ranks
+            first = self.rank * self.micro
+            for g, c, (rng, cpu_rng) in zip(self.gens, self.cpu_gens, streams[first:first + self.micro]):
+                g.set_state(rng.to(g.get_state().device))
+                c.set_state(cpu_rng)
+            if (len(ranks), saved_micro) != (self.world, self.micro):
+                log(f"resuming {len(ranks)} ranks x {saved_micro} micro-batches as {self.world} x {self.micro}: "
+                    "the same virtual ranks, the same steps")
+        else:
+            for v, (g, c) in enumerate(zip(self.gens, self.cpu_gens), self.rank * self.micro):
+                g.manual_seed(self.seed + v + 7919 * self.step)
+                c.manual_seed(self.seed + v + 7919 * self.step)
+            split = lambda w, k: f"{w}-rank" + (f" x {k}-micro-batch" if k > 1 else "")
+            mine = f"{self.world} ranks" + (f" x {self.micro} micro-batches" if self.micro > 1 else "")
+            log(f"resuming on {mine} from a {split(len(ranks), saved_micro)} run: fresh random streams")
+        if len(ranks) == self.world:
+            self.loader.load_state_dict(ranks[self.rank]["data"])
+        elif "epoch" in ranks[0]["data"]:              # index-based positions are the same on every rank
+            self.loader.load_state_dict(ranks[0]["data"])
+        else:
+            log("the DALI readers start a fresh epoch")
+
+
 # ---------------------------------------------------------------------------- a training run's checkpoints
 class Checkpointer:
     """Saving and resuming what a training run holds: the model, the optimizers (muon.Optimizers),
-    the EMAs and the training state (run.TrainState), with the config. A .pt file from rank 0, or a
+    the EMAs and the training state (TrainState), with the config. A .pt file from rank 0, or a
     DCP directory from every rank under FSDP2 (train.parallel=fsdp). Every rank calls save()."""
 
     def __init__(self, run_dir, cfg, model, optimizers, emas, state, device, log):

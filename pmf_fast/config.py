@@ -233,6 +233,33 @@ PRESETS: dict[str, typing.Callable[[], Config]] = {
 DEFAULT_PRESET = "pMF-T/4-digits"
 
 
+# ----------------------------------------------------------------------------- differences between configs
+def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def config_diff(old: dict, new: dict):
+    """[(field, old value, new value)] between two Config.to_dict()s. The old one is read through
+    Config.from_dict first, so a field added since it was saved counts as its default, not a change."""
+    try:
+        filled = Config.from_dict(old).to_dict()
+        old = {k: filled.get(k, v) for k, v in old.items()}   # the sections given, with their new fields
+    except ConfigError:                              # a field removed since: compare as saved
+        pass
+    a, b = flat(old), flat(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def describe_diff(diff):
+    return ", ".join(f"{k}: {a} -> {b}" for k, a, b in diff[:6]) + (" ..." if len(diff) > 6 else "")
+
+
 # ----------------------------------------------------------------------------- overrides
 def _parse_value(text, current, name: str):
     """Parse a command-line string into the type of the field's current value."""

@@ -18,6 +18,8 @@ Parameters sharded by FSDP2 (DTensors) are gathered whole for Newton-Schulz (the
 Nesterov update are elementwise, so they stay sharded) and each rank keeps its own shard of the
 result: the update is the same as on one rank. The Adam group is elementwise: it runs on the shards.
 """
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -295,3 +297,15 @@ def build_optimizers(model, cfg):
                 ns_coefficients=cfg.ns_coefficients, weight_decay=cfg.weight_decay)
     adam = NAdamW(adam_params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     return Optimizers([muon, adam])
+
+
+# ----------------------------------------------------------------------------- learning rate
+def lr_factor(optim, step, progress):
+    """Multiplier of optim.lr: linear warm-up over optim.warmup_steps, then constant ("none") or a
+    cosine to optim.min_lr_ratio at progress 1 (progress: the larger of step / steps and
+    elapsed / time budget)."""
+    warm = min(1.0, step / optim.warmup_steps) if optim.warmup_steps else 1.0
+    if optim.decay == "cosine":
+        p = min(max(progress, 0.0), 1.0)
+        return warm * (optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+    return warm

@@ -12,10 +12,10 @@ import torch.multiprocessing as mp
 
 import train
 from pmf_fast import dist as pdist
+from pmf_fast.checkpoint import TrainState
 from pmf_fast.config import ConfigError, get_config
 from pmf_fast.data import ShardedBatches
 from pmf_fast.model import PMFDiT
-from pmf_fast.run import TrainState
 
 B = 16                                         # global batch: 4 virtual ranks of 4 images
 

@@ -15,7 +15,8 @@ import torch
 import train
 from pmf_fast.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
 from pmf_fast.config import ConfigError, get_config
-from pmf_fast.run import LOCK, Log
+from pmf_fast.lock import LOCK
+from pmf_fast.log import Log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--preset", "pMF-XS/4-test"]

@@ -284,7 +284,7 @@ def test_every_rank_stops_on_a_held_run_or_a_run_directory_not_shared(tmp_path, 
     shared, local = tmp_path / "shared", tmp_path / "local"
     overrides = ["train.log_every=1"]
     port = free_port()
-    hold = f"from pmf_fast.run import RunLock; RunLock({str(shared / 'run')!r}).acquire(); print('held', flush=True); "
+    hold = f"from pmf_fast.lock import RunLock; RunLock({str(shared / 'run')!r}).acquire(); print('held', flush=True); "
     holder = subprocess.Popen([sys.executable, "-c", hold + "import time; time.sleep(300)"], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     try:

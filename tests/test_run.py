@@ -16,8 +16,11 @@ import pytest
 
 from pmf_fast import run as R
 from pmf_fast.checkpoint import CheckpointError
-from pmf_fast.config import OptimConfig, get_config
-from pmf_fast.run import LOCK, Log, RunBusy, RunLock, StopSignals, config_diff, lr_factor
+from pmf_fast.config import OptimConfig, config_diff, get_config
+from pmf_fast.lock import LOCK, RunBusy, RunLock
+from pmf_fast.log import Log
+from pmf_fast.muon import lr_factor
+from pmf_fast.stop import StopSignals
 
 
 def test_lr_schedule():

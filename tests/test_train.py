@@ -14,8 +14,8 @@ import sample
 import train
 from pmf_fast.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
 from pmf_fast.config import ConfigError
+from pmf_fast.lock import RunBusy
 from pmf_fast.model import ours_to_official
-from pmf_fast.run import RunBusy
 
 BASE = ["--preset", "pMF-XS/4-test"]
 
@@ -155,7 +155,7 @@ def test_a_run_directory_has_one_owner(tmp_path, capsys):
     the holder; once that process is killed (kill -9: its lock stays behind), the rerun takes it."""
     d = tmp_path / "own"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    hold = f"from pmf_fast.run import RunLock; RunLock({str(d)!r}).acquire(); print('held', flush=True); "
+    hold = f"from pmf_fast.lock import RunLock; RunLock({str(d)!r}).acquire(); print('held', flush=True); "
     holder = subprocess.Popen([sys.executable, "-c", hold + "import time; time.sleep(120)"],
                               cwd=root, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=root))
     try:
