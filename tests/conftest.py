@@ -1,5 +1,5 @@
-"""Shared test helpers. Triton runs in its CPU interpreter when no GPU is present; that must be
-decided before triton is imported anywhere."""
+"""Test set-up: hooks and fixtures (the helpers live in tests/helpers.py). Triton runs in its CPU
+interpreter when no GPU is present; that must be decided before triton is imported anywhere."""
 import os
 
 import torch
@@ -9,17 +9,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-# the tolerance rule and the test model's wake-up have one home, the package's self-test
-from pmf_fast.selftest import ATOL, error_bound, interpreter_problem, max_err, wake_up  # noqa: E402,F401
-
-
-def assert_close_by_rule(out, ref64, eager_same_dtype, name="output", factor=2.0, relative_atol=False):
-    """Fast-path error against an fp64 reference must be at most `factor` x the error of the same
-    eager computation in the same dtype, plus an atol for the dtype (times max|ref| when
-    relative_atol, for tensors far from unit scale such as gradients). Prints the errors."""
-    err, base, bound = error_bound(out, ref64, eager_same_dtype, factor, relative_atol)
-    print(f"{name}: err {err:.3e}, eager err {base:.3e}, bound {bound:.3e}")
-    assert err <= bound, f"{name}: error {err:.3e} > {factor} x eager error {base:.3e} + atol"
+from pmf_fast.selftest import interpreter_problem  # noqa: E402
 
 
 def pytest_configure(config):

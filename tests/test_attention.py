@@ -15,7 +15,7 @@ from kernels.attention import (
     attention_ref,
     default_backward,
 )
-from tests.conftest import assert_close_by_rule
+from tests.helpers import assert_close_by_rule
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"

@@ -16,7 +16,7 @@ from pmf_fast import layers
 from pmf_fast.config import get_config
 from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
-from tests.conftest import wake_up
+from tests.helpers import wake_up
 
 # how many leading inputs of each kernel op are activations; the rest are weights (cast to the
 # activations' dtype inside the op) and the fp32 log-sum-exp

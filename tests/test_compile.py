@@ -18,7 +18,7 @@ from pmf_fast.config import get_config
 from pmf_fast.dist import compile_blocks
 from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
-from tests.conftest import wake_up
+from tests.helpers import wake_up
 
 pytestmark = pytest.mark.slow                  # process launches or compiles: not the fast lane
 

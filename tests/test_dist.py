@@ -20,7 +20,7 @@ from pmf_fast.ema import full
 from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
 from pmf_fast.muon import Muon, assign_owners, build_optimizers, ns_cost
-from tests.conftest import assert_close_by_rule, wake_up
+from tests.helpers import assert_close_by_rule, wake_up
 
 pytestmark = pytest.mark.slow                  # process launches or compiles: not the fast lane
 

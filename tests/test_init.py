@@ -10,7 +10,7 @@ import torch
 import train
 from pmf_fast.config import ConfigError, get_config
 from pmf_fast.model import PMFDiT, ours_to_official
-from tests.conftest import wake_up
+from tests.helpers import wake_up
 from tests.test_accumulate import spawn, weights
 
 B = 16

@@ -20,7 +20,7 @@ from pmf_fast.meanflow import (
     sample_t_r,
 )
 from pmf_fast.model import PMFDiT
-from tests.conftest import wake_up
+from tests.helpers import wake_up
 
 N = 200_000
 

@@ -6,7 +6,7 @@ import torch
 from pmf_fast import layers as L
 from pmf_fast.config import get_config
 from pmf_fast.model import PMFDiT, load_official_state_dict, ours_to_official
-from tests.conftest import wake_up
+from tests.helpers import wake_up
 
 DT = torch.float64
 

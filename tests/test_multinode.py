@@ -1,7 +1,7 @@
 """Multi-node torchrun on one machine (CPU, gloo): two torchrun agents ("nodes") meet at a c10d
 rendezvous on loopback, as two hosts of a cluster meet at the head node's address.
 
-* two nodes equal one process over the same global batch (the 2x rule of tests/conftest.py), for
+* two nodes equal one process over the same global batch (the 2x rule of tests/helpers.py), for
   DDP and for HSDP (train.shard_size = processes per node: shard within a node, replicate across);
 * a node lost (--nnodes=1:2 --max-restarts): one agent and its workers are killed with SIGKILL; the
   survivor restarts alone from the newest checkpoint, and its state equals a run resumed by hand
@@ -135,7 +135,7 @@ def test_two_nodes_equal_one_process(tmp_path, nodes, single):
 
 def assert_equal_to_one_process(got, single, label):
     """The ddp and fsdp runs' losses and parameters against one process (fp64 / fp32), the 2x rule."""
-    from tests.conftest import assert_close_by_rule
+    from tests.helpers import assert_close_by_rule
     (p64, l64), (p32, l32) = single
     for parallel in ("ddp", "fsdp"):
         params, losses = got[parallel]

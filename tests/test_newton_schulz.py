@@ -13,7 +13,7 @@ GPU = torch.cuda.is_available()
 def test_ref_matches_torch_muon(shape):
     """torch.optim.Muon's orthogonalisation (bf16, ||X|| clamped at eps) is an implementation we did
     not write. Against an fp64 run of our reference, our bf16 run must be within 2x its error
-    (the tolerance rule in tests/conftest.py) and our fp32 run much closer still."""
+    (the tolerance rule in tests/helpers.py) and our fp32 run much closer still."""
     G = torch.randn(*shape)
     ref = newton_schulz_ref(G.double())
     rel = lambda x: ((x.double() - ref).norm() / ref.norm()).item()
@@ -54,7 +54,7 @@ def test_kernel_matches_reference(shape):
     """The symmetric Triton kernels against the fp64 reference, within 2x the eager error in the
     same dtype (fp32 in the interpreter, bf16 on a GPU)."""
     from kernels.newton_schulz import newton_schulz
-    from tests.conftest import assert_close_by_rule
+    from tests.helpers import assert_close_by_rule
     G = torch.randn(*shape, device=DEV)
     dtype = torch.bfloat16 if GPU else torch.float32
     out = newton_schulz(G, dtype=dtype)

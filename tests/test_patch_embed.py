@@ -4,7 +4,7 @@ import torch
 
 from kernels.patch_embed import patch_embed, patch_embed_jvp, patch_embed_ref
 from pmf_fast.layers import BottleneckPatchEmbedder
-from tests.conftest import assert_close_by_rule
+from tests.helpers import assert_close_by_rule
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"

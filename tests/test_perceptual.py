@@ -221,7 +221,7 @@ def test_crop_resize_is_the_official_rule(size):
 def test_crop_resize_matches_reference(dtype, size):
     """The batched-matmul crop equals the per-sample reference on odd windows: values of both images
     and the input gradient of the first, by the tolerance rule."""
-    from tests.conftest import assert_close_by_rule
+    from tests.helpers import assert_close_by_rule
     n = len(ODD_WINDOWS)
     a64 = torch.randn(n, 3, 37, 29, dtype=torch.float64)
     b64 = torch.randn(n, 3, 37, 29, dtype=torch.float64)
@@ -264,7 +264,7 @@ def test_resize_taps_reach_outside_the_window_only_near_its_edges():
 @pytest.mark.parametrize("mode", P.CROP_MODES)
 def test_paired_crop_matches_the_per_sample_loop(mode):
     """Random windows at 256 px to 224, as the loss draws them: the same windows and values."""
-    from tests.conftest import assert_close_by_rule
+    from tests.helpers import assert_close_by_rule
     a, b = torch.randn(6, 3, 256, 256), torch.randn(6, 3, 256, 256)
     seed = secrets.randbits(31)
     print(f"seed {seed}")
