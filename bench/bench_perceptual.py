@@ -155,8 +155,9 @@ def test_perceptual_share_of_step(benchmark):
     flop_share = {"masked": per_sample / (model_f + per_sample),
                   "gathered": frac * per_sample / (model_f + frac * per_sample)}
     where = f"{preset}{'' if cuda else f' {px} px RGB'}, batch {batch}, LPIPS + {convnext} at {crop}"
+    useful = batch * (model_f + frac * per_sample)         # the step's work at the expected kept fraction, both rows
     for name, label in (("masked", "every sample, masked"), ("gathered", "kept samples only")):
-        record(benchmark, "perceptual share of a step", f"{where}: {label}", ms[name],
+        record(benchmark, "perceptual share of a step", f"{where}: {label}", ms[name], flops=useful,
                baseline=("every sample, masked", ms["masked"]) if name == "gathered" else None,
                step_without_perceptual_ms=round(ms["none"], 2), perceptual_share=round(share[name], 3),
                flop_share=round(flop_share[name], 3), kept_measured=round(statistics.mean(kept), 3),
