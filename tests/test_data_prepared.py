@@ -295,8 +295,9 @@ def test_one_rank_computes_the_fid_reference(prepared, tmp_path):
     for name in os.listdir(dst):
         if name.startswith("fid_stats-"):
             os.remove(os.path.join(dst, name))
+    # spawn: forked ranks that run torch ops hung in the full suite (the parent's OpenMP pool is not fork-safe)
     mp.start_processes(_fid_reference_ranks, args=(2, str(tmp_path / "init"), dst, str(tmp_path)), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     ranks = [json.load(open(tmp_path / f"fid{r}.json")) for r in range(2)]
     assert [r["seen"] for r in ranks] == [13, 0] and all(r["ready"] for r in ranks)       # 13 images, once
     assert len([n for n in os.listdir(dst) if n.startswith("fid_stats-")]) == 1

@@ -235,8 +235,9 @@ def _failing_rank(rank, world, init_file, src, dst, out_dir, where):
 def test_a_failing_rank_stops_the_others_with_its_line(photos, tmp_path, where):
     src, dst = photos[0], str(tmp_path / "dst")
     t = time.time()
+    # spawn: a forked rank of a process that ran OpenMP work can hang in its first parallel region
     mp.start_processes(_failing_rank, args=(2, str(tmp_path / "init"), src, dst, str(tmp_path), where), nprocs=2,
-                       start_method="fork")
+                       start_method="spawn")
     assert time.time() - t < 50                                            # nobody waited for the timeout
     mine, other = (json.load(open(tmp_path / f"{where}{r}.json")) for r in (1, 0))
     reason = (f"dataset directory '{src}-not-mounted' does not exist" if where == "source" else
