@@ -17,9 +17,10 @@ B = 16
 
 
 def args(tmp_path, name, *overrides):
-    """One step at learning rate 0: the checkpoint then holds the initial weights exactly."""
+    """One step at learning rate 1e-30 (optim.lr must be > 0): the checkpoint then holds the initial
+    weights to within ~1e-30, far below any real difference (assert_equal)."""
     return ["--preset", "pMF-XS/4-test", "--name", name, f"train.out_dir={tmp_path}", f"train.batch_size={B}",
-            "train.steps=1", "optim.lr=0.0", "train.tensorboard=false", *overrides]
+            "train.steps=1", "optim.lr=1e-30", "train.tensorboard=false", *overrides]
 
 
 def source_model(seed=5, **overrides):
@@ -35,7 +36,7 @@ def emas_of(run_dir, step=1):
 def assert_equal(got, want, what):
     assert got.keys() == want.keys(), what
     for n in want:
-        assert torch.equal(got[n], want[n]), f"{what}: {n}"
+        assert got[n].shape == want[n].shape and (got[n] - want[n]).abs().max() <= 1e-24, f"{what}: {n}"
 
 
 @pytest.mark.parametrize("v_head", [True, False], ids=["training-layout", "release-without-v-head"])

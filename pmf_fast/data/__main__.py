@@ -44,18 +44,21 @@ def _stop(signum, frame):
 def prepare(a):
     from .prepare import prepare as run
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    signal.signal(signal.SIGTERM, _stop)             # as Ctrl-C: the pool is stopped, unfinished shards removed
-    if world > 1:                            # gloo on any machine: the ranks only agree and wait
-        import datetime
-
-        import torch.distributed as dist
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))   # ranks finish hours apart
+    old = signal.signal(signal.SIGTERM, _stop)       # as Ctrl-C: the pool is stopped, unfinished shards removed
     try:
-        run(a.src, a.dst, a.image_size, a.shard_size, a.workers, rank, world, log=print if rank == 0 else
-            (lambda s: None))
+        if world > 1:                        # gloo on any machine: the ranks only agree and wait
+            import datetime
+
+            import torch.distributed as dist
+            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))   # ranks finish hours apart
+        try:
+            run(a.src, a.dst, a.image_size, a.shard_size, a.workers, rank, world, log=print if rank == 0 else
+                (lambda s: None))
+        finally:
+            if world > 1:
+                dist.destroy_process_group()
     finally:
-        if world > 1:
-            dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, old)   # called in-process (tests, notebooks): the caller's handler back
     return 0
 
 
