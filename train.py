@@ -149,7 +149,7 @@ def main(argv=None):
                 tuner.step()
 
             # -------------------------------------------------------- agreed stop check, log, samples, checkpoints
-            stopper.check(force=log_step or ckpt_step)
+            stopper.check(force=log_step or ckpt_step or sampling.due(state.step))   # before anything is written
             if stopper.nonfinite or stopper.lock_lost:   # nothing more is written in the run directory
                 break
             if log_step:

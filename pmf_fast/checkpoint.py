@@ -127,6 +127,7 @@ def save_sharded(run_dir, step, shards, meta, keep=2):
     DTensors) into ckpt_<step>.dcp.tmp/; rank 0 adds meta.pt and renames it to ckpt_<step>.dcp once
     all ranks are done. A collective: every rank calls it."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     path = os.path.join(run_dir, f"ckpt_{step:08d}.dcp")
     tmp, rank0 = path + ".tmp", not dist.is_initialized() or dist.get_rank() == 0
     error = None
@@ -141,8 +142,8 @@ def save_sharded(run_dir, step, shards, meta, keep=2):
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
             _rotate(run_dir, keep)
-    except (OSError, RuntimeError) as e:            # DCP wraps its writers' errors in a RuntimeError subclass
-        error = _write_error(path, e)
+    except (OSError, RuntimeError, CheckpointException) as e:   # DCP gathers its writers' errors into
+        error = _write_error(path, e)                           # CheckpointException, a BaseException
     _agree(error)
     return path
 
@@ -265,7 +266,7 @@ class TrainState:
             log(f"resuming on {mine} from a {split(len(ranks), saved_micro)} run: fresh random streams")
         if len(ranks) == self.world:
             self.loader.load_state_dict(ranks[self.rank]["data"])
-        elif "epoch" in ranks[0]["data"]:              # index-based positions are the same on every rank
+        elif ranks and "epoch" in ranks[0]["data"]:              # index-based positions are the same on every rank
             self.loader.load_state_dict(ranks[0]["data"])
         else:
             log("the DALI readers start a fresh epoch")

@@ -145,8 +145,8 @@ def gradient_sync(step_model, sync):
     each rank: gradient accumulation runs every micro-batch but the last with sync=False, so a step
     reduces once, as without accumulation (DDP's no_sync; FSDP2's set_requires_gradient_sync, whose
     unsharded gradients then stay on each rank until the last micro-batch)."""
-    if sync or not is_dist():
-        yield
+    if sync or not hasattr(step_model, "no_sync") and not hasattr(step_model, "set_requires_gradient_sync"):
+        yield                                # one process (also under torchrun): nothing is reduced
     elif isinstance(step_model, torch.nn.parallel.DistributedDataParallel):
         with step_model.no_sync():
             yield
@@ -195,7 +195,7 @@ class RankFailed(RuntimeError):
 def agreed(what):
     """`with agreed("the data set-up"): ...` on every rank: when the block fails on any rank, every rank
     stops (its own error where it failed, RankFailed with the first failing rank's line elsewhere), so
-    none is left waiting in a later collective (NCCL has no timeout there) for a rank that has gone. The
+    none is left waiting in a later collective (until NCCL's timeout aborts it) for a rank that has gone. The
     block itself must hold no collective. One all-gather of a small object."""
     try:
         yield
