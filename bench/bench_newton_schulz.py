@@ -11,19 +11,7 @@ from torch.optim._muon import _zeropower_via_newtonschulz
 
 from bench.common import SMOKE, device, record, time_ms
 from kernels.newton_schulz import NS_COEFFICIENTS, newton_schulz, newton_schulz_ref
-from pmf_fast.config import get_config
-from pmf_fast.model import PMFDiT
-from pmf_fast.muon import split_params
-
-
-def muon_shapes(preset="pMF-B/16"):
-    """{(m, n): count} of the 2-D parameters Muon updates (training model: aux v-head included)."""
-    with torch.device("meta"):
-        model = PMFDiT(get_config(preset).model)
-    counts = {}
-    for p in split_params(model)[0]:
-        counts[tuple(p.shape)] = counts.get(tuple(p.shape), 0) + 1
-    return counts
+from pmf_fast.selftest import muon_batches
 
 
 def ns_flops(m, n, steps=5):
@@ -32,7 +20,7 @@ def ns_flops(m, n, steps=5):
 
 
 def test_pmf_b_step(benchmark):
-    shapes = {(24, 40): 3, (40, 24): 2} if SMOKE else muon_shapes()
+    shapes = {(24, 40): 3, (40, 24): 2} if SMOKE else {(m, n): c for c, m, n in muon_batches()}
     dtype = torch.float32 if SMOKE else torch.bfloat16
     banks = {s: torch.randn(c, *s, device=device()) for s, c in shapes.items()}
     flops = sum(c * ns_flops(*s) for s, c in shapes.items())
