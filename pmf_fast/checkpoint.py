@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .atomic import atomic_write, clean_temporaries
-from .dist import all_gather_objects
+from .dist import agree_on_failure, all_gather_objects
 
 PATTERN = re.compile(r"ckpt_(\d+)\.(pt|dcp)$")
 META = "meta.pt"                                   # inside a sharded checkpoint: config and training state
@@ -170,15 +170,11 @@ def _barrier():
 
 
 def _agree(error):
-    """A barrier that also carries a failed write: every rank raises the first failing rank's
-    CheckpointError, so no rank trains on (or waits in the next collective) after a save that failed."""
-    errors = [error]
-    if dist.is_initialized():
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, None if error is None else str(error))
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise CheckpointError(str(first)) from None
+    """A barrier that also carries a failed write (dist's agreement): the failing rank raises its
+    CheckpointError, the others RankFailed with its line, so no rank trains on after a failed save."""
+    agree_on_failure(error, "writing a checkpoint")
+    if error is not None:
+        raise error
 
 
 # ---------------------------------------------------------------------------- load

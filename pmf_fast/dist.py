@@ -200,12 +200,14 @@ def agreed(what):
     try:
         yield
     except Exception as e:
-        _agree_on_failure(e, what)
+        agree_on_failure(e, what)
         raise
-    _agree_on_failure(None, what)
+    agree_on_failure(None, what)
 
 
-def _agree_on_failure(error, what):
+def agree_on_failure(error, what):
+    """Every rank passes its error of `what` (None when it went well): on a rank that did not fail,
+    raises RankFailed with the first failing rank's line; a failing rank raises its own after this."""
     views = all_gather_objects(None if error is None else (socket.gethostname(), str(error) or type(error).__name__))
     failed = [(rank, view) for rank, view in enumerate(views) if view is not None]
     if failed and error is None:
