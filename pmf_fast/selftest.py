@@ -13,7 +13,7 @@ interpreter's bf16 tl.dot is wrong). --quick: the kernels only, head dim 64 and 
 embedding, bf16 on a GPU.
 
 A line per check with its error and bound; --json writes them all; exit status 1 on any mismatch.
-The bound is flash-attention's rule, the one every test uses (tests/conftest.py imports it from
+The bound is flash-attention's rule, the one every test uses (tests/helpers.py imports it from
 here): error against an fp64 reference <= factor x the error of the same eager computation in the
 same dtype + an atol per dtype (times max|ref| for gradients, which are far from unit scale).
 train.py runs check_run (the kernels at the run's own shapes and dtype) before the first fast step
