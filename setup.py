@@ -7,8 +7,11 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["pmf_fast", "pmf_fast.*", "kernels"]),
-    py_modules=["train", "sample"],
+    # One installed name, pmf_fast: kernels/ (top level in the repository) installs as pmf_fast.kernels,
+    # since `kernels` is also a PyPI package (Hugging Face's kernel hub). train.py and sample.py are the
+    # repository's entry scripts (`torchrun train.py`), not installed modules.
+    packages=find_packages(include=["pmf_fast", "pmf_fast.*"]) + ["pmf_fast.kernels"],
+    package_dir={"pmf_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

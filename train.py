@@ -26,13 +26,13 @@ from pmf_fast import dist, selftest
 from pmf_fast.checkpoint import Checkpointer, CheckpointError, TrainState
 from pmf_fast.config import DEFAULT_PRESET, ConfigError, save_config
 from pmf_fast.data import make_loader
-from pmf_fast.ema import EMAs, full
+from pmf_fast.ema import EMAs
 from pmf_fast.init import init_weights
 from pmf_fast.lock import RunBusy
 from pmf_fast.log import Log, Meter, progress_bar
 from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
-from pmf_fast.muon import build_optimizers, lr_factor
+from pmf_fast.optimizers import build_optimizers, lr_factor
 from pmf_fast.run import END, Run
 from pmf_fast.sampling import TrainSampling
 from pmf_fast.stop import Stopper
@@ -139,7 +139,8 @@ def main(argv=None):
             log_step = state.step % tc.log_every == 0 or state.step == steps
             ckpt_step = state.step % tc.ckpt_every == 0 or state.step == steps
             if log_step:
-                grad_norm = full(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                grads = [p.grad for p in params if p.grad is not None]
+                grad_norm = dist.full_tensor(torch.nn.utils.get_total_norm(grads))
             optimizers.step()
             optimizers.zero_grad()
             emas.update(model, state.step)

@@ -13,11 +13,7 @@ the six tile sizes that compile without spilling for sm_90 (python -m bench.kern
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.runtime.errors import OutOfResources
-
-from bench.common import SMOKE, device, record, time_ms
-from kernels.attention import (
+from pmf_fast.kernels.attention import (
     BACKWARDS,
     _fwd,
     _tiles,
@@ -28,6 +24,10 @@ from kernels.attention import (
     attention_ref,
     default_backward,
 )
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.runtime.errors import OutOfResources
+
+from bench.common import SMOKE, device, record, time_ms
 
 SHAPES = [(2, 2, 36, 80)] if SMOKE else [(128, h, 276, d) for h, d in ((12, 64), (16, 80))]
 DTYPE = torch.float32 if SMOKE else torch.bfloat16

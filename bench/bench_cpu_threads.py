@@ -40,7 +40,7 @@ def digits_step():
     from pmf_fast.ema import EMAs
     from pmf_fast.meanflow import pmf_loss, sample_draws
     from pmf_fast.model import PMFDiT
-    from pmf_fast.muon import build_optimizers
+    from pmf_fast.optimizers import build_optimizers
     cfg = get_config(DEFAULT_PRESET)
     m, o, tc = cfg.model, cfg.objective, cfg.train
     torch.manual_seed(0)

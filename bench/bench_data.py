@@ -1,6 +1,6 @@
 """Images/s of the data loaders at 256 px, all rows in one run on the same images (re-encoded crops of
 scikit-learn's bundled photos): the prepared loader (memory-mapped uint8 shards, pmf_fast/data/
-prepared.py), the PIL folder loader with N workers, and DALI (GPU decoding on a GPU, CPU decoding
+shards.py), the PIL folder loader with N workers, and DALI (GPU decoding on a GPU, CPU decoding
 elsewhere). Also the time to prepare 1,000 images and the disk bytes per image, from which the
 ImageNet totals and a node's needs follow (docs/data.md). Target: prepared >= 20x the PIL loader.
 Loader throughput is a property of the host, so these also run on the CPU (cpu_ok).
@@ -17,7 +17,7 @@ from bench.common import SMALL, record
 from pmf_fast.data import make_loader
 from pmf_fast.data.dali import HAVE_DALI
 from pmf_fast.data.prepare import prepare
-from pmf_fast.data.prepared import open_prepared
+from pmf_fast.data.shards import open_prepared
 
 N_IMAGES = 64 if SMALL else 1024     # small: smoke, or a CPU without --full
 BATCH = 16 if SMALL else 128

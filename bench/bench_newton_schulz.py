@@ -7,10 +7,10 @@ the compiled reference: the row that decides (kernels/newton_schulz.py: the kern
 compiled reference in Muon only at >= 1.3x; measured 1.00x on an H200, torch 2.11).
 """
 import torch
+from pmf_fast.kernels.newton_schulz import NS_COEFFICIENTS, newton_schulz, newton_schulz_ref
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 from bench.common import SMOKE, device, record, time_ms
-from kernels.newton_schulz import NS_COEFFICIENTS, newton_schulz, newton_schulz_ref
 from pmf_fast.selftest import muon_batches
 
 

@@ -5,9 +5,9 @@ FLOPs: 2 * 2 images * B * T * (C p^2 r + r D). Target (H100): >= 2x the two-conv
 import pytest
 import torch
 import torch.nn.functional as F
+from pmf_fast.kernels.patch_embed import patch_embed_jvp
 
 from bench.common import SMOKE, device, record, time_ms
-from kernels.patch_embed import patch_embed_jvp
 
 # (B, image, patch, r, D): pMF-B/16 and H/16 at 128 / 256 images, pMF-B/32
 CASES = [(2, 12, 4, 16, 40)] if SMOKE else [(128, 256, 16, 128, 768), (256, 256, 16, 128, 768),

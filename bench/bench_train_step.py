@@ -29,7 +29,7 @@ from pmf_fast.dist import parallelize
 from pmf_fast.flops import step_flops, whole_step_flops
 from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
-from pmf_fast.muon import build_optimizers
+from pmf_fast.optimizers import build_optimizers
 
 VARIANTS = ["fast", "eager", "kernels", "reference", "fast+convnext"]   # most important first: a cut
 CASES = ([("pMF-XS/4-test", 4, v) for v in VARIANTS] if SMOKE else     # check keeps the rows before it

@@ -30,11 +30,10 @@ import subprocess
 import tempfile
 import typing
 
+import pmf_fast.kernels.attention as attention
+import pmf_fast.kernels.newton_schulz as newton_schulz
+import pmf_fast.kernels.patch_embed as patch_embed
 import torch
-
-import kernels.attention as attention
-import kernels.newton_schulz as newton_schulz
-import kernels.patch_embed as patch_embed
 
 try:
     import triton

@@ -22,7 +22,7 @@ import torch
 from pmf_fast.config import get_config
 from pmf_fast.flops import step_flops
 from pmf_fast.model import PMFDiT
-from pmf_fast.muon import split_params
+from pmf_fast.optimizers import split_params
 
 BUSBW_GBPS = {"NVLink": 360.0, "400 Gb/s": 45.0}
 

@@ -41,7 +41,7 @@ import math
 
 import torch
 
-from kernels._triton import interpreting, tl, triton, use_kernel
+from ._triton import interpreting, tl, triton, use_kernel
 
 
 def upcast(x):

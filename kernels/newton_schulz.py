@@ -25,7 +25,7 @@ three in one run; revisit the choice when its kernel-vs-compiled row reaches 1.3
 
 import torch
 
-from kernels._triton import interpreting, tl, triton, use_kernel
+from ._triton import interpreting, tl, triton, use_kernel
 
 # (a, b, c) of the quintic iteration (KellerJordan/Muon). The one home of these numbers: Muon, the
 # benchmarks and the tests import them from here.

@@ -19,7 +19,7 @@ re-gathered patches (only there is the patch matrix formed).
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import interpreting, tl, triton, use_kernel
+from ._triton import interpreting, tl, triton, use_kernel
 
 
 def patch_embed_ref(x, w1, b1, w2, b2):

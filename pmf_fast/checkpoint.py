@@ -270,7 +270,7 @@ class TrainState:
 
 # ---------------------------------------------------------------------------- a training run's checkpoints
 class Checkpointer:
-    """Saving and resuming what a training run holds: the model, the optimizers (muon.Optimizers),
+    """Saving and resuming what a training run holds: the model, the optimizers (optimizers.Optimizers),
     the EMAs and the training state (TrainState), with the config. A .pt file from rank 0, or a
     DCP directory from every rank under FSDP2 (train.parallel=fsdp). Every rank calls save()."""
 

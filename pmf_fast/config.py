@@ -15,9 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kernels.newton_schulz import NS_COEFFICIENTS
-
 from .atomic import atomic_write
+from .kernels.newton_schulz import NS_COEFFICIENTS
 
 
 class ConfigError(ValueError):

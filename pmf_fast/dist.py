@@ -159,6 +159,17 @@ def gradient_sync(step_model, sync):
 
 
 # ----------------------------------------------------------------------------- agreement
+def is_dtensor(t):
+    """A DTensor (a parameter or state sharded by FSDP2), told by type name: no import of
+    torch.distributed.tensor on processes that never shard."""
+    return type(t).__name__ == "DTensor"
+
+
+def full_tensor(t):
+    """A whole tensor from a DTensor shard (a collective: every rank must call it), else t."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
 def agree_max(values, device):
     """The maximum over ranks of each value (floats or 0-d tensors on `device`), in one
     all-reduce: every decision to stop, skip or save is taken from these, never from one rank's

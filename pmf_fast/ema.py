@@ -9,15 +9,12 @@ import copy
 
 import torch
 
+from .dist import full_tensor
+
 
 def ema_beta(step, halflife_kimg, batch_size, rampup=0.05):
     halflife_img = min(halflife_kimg * 1000, step * batch_size * rampup)
     return 0.5 ** (batch_size / max(halflife_img, 1e-8))
-
-
-def full(t):
-    """A whole tensor from a DTensor shard (a collective: every rank must call it), else t."""
-    return t.full_tensor() if type(t).__name__ == "DTensor" else t
 
 
 class EMAs:
@@ -55,7 +52,7 @@ class EMAs:
 
     def full_state(self, key):
         """{parameter name: whole tensor} of EMA `key` (collective under FSDP2)."""
-        return {n: full(p) for n, p in self.params[key].items()}
+        return {n: full_tensor(p) for n, p in self.params[key].items()}
 
     def copy_into(self, model, key):
         """A copy of an unsharded `model` holding EMA `key`'s weights (key None: the raw weights)."""

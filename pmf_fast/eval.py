@@ -145,7 +145,7 @@ def prepared_reference(root, extractor, image_size=None, batch=200, keep=10000):
     root (fid_stats-<key>.npz, keyed by the extractor and the shards' checksums) for the next start."""
     import hashlib
 
-    from .data.prepared import open_prepared
+    from .data.shards import open_prepared
     ds = open_prepared(root, image_size)
     name = getattr(extractor, "name", None)
     key = hashlib.sha256(json.dumps([name, [e["sha256"] for e in ds.manifest["shards"]]]).encode()).hexdigest()
@@ -181,7 +181,7 @@ def prepared_reference(root, extractor, image_size=None, batch=200, keep=10000):
 def reference(ref, extractor, image_size=None, batch=200, features=True):
     """(stats, features for precision/recall or None) from an ADM .npz, a prepared dataset, or a
     folder of images. features=False skips the features of an ADM batch's 10k images (FID alone)."""
-    from .data.prepared import is_prepared
+    from .data.shards import is_prepared
     if os.path.isdir(ref) and is_prepared(ref):
         return prepared_reference(ref, extractor, image_size, batch)
     if os.path.isdir(ref):

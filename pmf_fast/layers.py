@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.attention import attention, attention_jvp, attention_jvp_ref, attention_ref, upcast
-from kernels.patch_embed import patch_embed_jvp
+from .kernels.attention import attention, attention_jvp, attention_jvp_ref, attention_ref, upcast
+from .kernels.patch_embed import patch_embed_jvp
 
 
 def compute_dtype(x):

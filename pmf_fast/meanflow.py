@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention import upcast
-
 from .config import ObjectiveConfig
+from .kernels.attention import upcast
 from .perceptual import start_host_copy
 
 

@@ -13,7 +13,6 @@ from . import dist
 from .atomic import atomic_write
 from .checkpoint import load_checkpoint
 from .config import Config, get_config
-from .ema import full
 from .eval import extract, fid, stats
 from .meanflow import generate, to_uint8
 from .model import PMFDiT, load_official_state_dict
@@ -209,7 +208,7 @@ class TrainSampling:
         """An unsharded copy holding the chosen EMA (or the raw weights); collective under FSDP2."""
         key = pick_ema(self.emas, self.cfg.sample.ema)
         weights = (self.emas.full_state(key) if key else
-                   {n: full(p.detach()) for n, p in self.model.named_parameters()})
+                   {n: dist.full_tensor(p.detach()) for n, p in self.model.named_parameters()})
         net = PMFDiT(self.cfg.model, t_eps=self.cfg.objective.t_eps).to(self.device)
         net.load_state_dict(weights)
         return net.eval()

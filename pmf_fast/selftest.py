@@ -112,7 +112,7 @@ def _grads(fn, xs, dy):
 
 def check_attention(c, shape, dtype, dev):
     """attention_jvp's o and o_dot, attention's o, and the gradients autograd runs in training."""
-    import kernels.attention as A
+    import pmf_fast.kernels.attention as A
     q, k, v, qd, kd, vd = (torch.randn(shape, device=dev, dtype=torch.float64).to(dtype) for _ in range(6))
     name = f"attention {tuple(shape)} {_dt(dtype)}"
     o, od = A.attention_jvp(q, k, v, qd, kd, vd)
@@ -131,7 +131,7 @@ def check_attention(c, shape, dtype, dev):
 
 def check_patch_embed(c, case, dtype, dev):
     """patch_embed_jvp's y and y_dot and the weight gradients, against the two convolutions."""
-    import kernels.patch_embed as P
+    import pmf_fast.kernels.patch_embed as P
     from pmf_fast.layers import BottleneckPatchEmbedder
     B, C, S, p, r, D = case
     emb = BottleneckPatchEmbedder(S, p, C, r, D).to(dev)
@@ -162,7 +162,7 @@ def check_patch_embed(c, case, dtype, dev):
 
 
 def check_newton_schulz(c, shape, dtype, dev):
-    import kernels.newton_schulz as NS
+    import pmf_fast.kernels.newton_schulz as NS
     G = torch.randn(*shape, device=dev)
     out = NS.newton_schulz(G, dtype=dtype).to(dtype)
     c.compare(f"newton-schulz {tuple(shape)} {_dt(dtype)}", out, NS.newton_schulz_ref(G.double()),
@@ -214,7 +214,7 @@ def muon_batches(preset="pMF-B/16"):
     """[count, m, n] of each same-shape group of the preset's Muon matrices (one NS launch each)."""
     from pmf_fast.config import get_config
     from pmf_fast.model import PMFDiT
-    from pmf_fast.muon import split_params
+    from pmf_fast.optimizers import split_params
     with torch.device("meta"):
         model = PMFDiT(get_config(preset).model)
     counts = {}

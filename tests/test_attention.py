@@ -3,8 +3,7 @@ On CPU the Triton kernels run in the interpreter (fp32 and fp16, tiny shapes; bf
 broken there); the full pMF shapes in bf16 run on a GPU."""
 import pytest
 import torch
-
-from kernels.attention import (
+from pmf_fast.kernels.attention import (
     BACKWARDS,
     _dim_blocks,
     _fwd,
@@ -15,6 +14,7 @@ from kernels.attention import (
     attention_ref,
     default_backward,
 )
+
 from pmf_fast.selftest import TANGENT_FACTOR
 from tests.helpers import assert_close_by_rule
 
@@ -136,9 +136,8 @@ def test_torch_flash_backward_call_fits_this_torch(D):
     schema) is accepted by the installed torch, on any machine: fake CUDA tensors run the op's shape
     function instead of FA2. v and dO come strided, as the model passes them (transposes of
     [B, N, H, D]); the op's own flash forward declares the LSE layout that we store."""
+    from pmf_fast.kernels.attention import _bwd_torch_flash
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from kernels.attention import _bwd_torch_flash
     B, H, N = 2, 3, 276
     with FakeTensorMode():
         q, k, o = (torch.empty(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -222,5 +221,5 @@ def test_compiles_fullgraph():
 
 def test_kernel_path_is_taken():
     """Guards the tests above against silently comparing the reference with itself."""
-    from kernels._triton import use_kernel
+    from pmf_fast.kernels._triton import use_kernel
     assert use_kernel(torch.empty(1, device=DEV))

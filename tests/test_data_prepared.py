@@ -21,7 +21,7 @@ from pmf_fast.data.check import load_rgb
 from pmf_fast.data.dali import HAVE_DALI, DaliLoader
 from pmf_fast.data.folder import FolderDataset, center_crop_arr, usable_images
 from pmf_fast.data.prepare import prepare
-from pmf_fast.data.prepared import FILES, MANIFEST, PreparedError, open_prepared, shard_name
+from pmf_fast.data.shards import FILES, MANIFEST, PreparedError, open_prepared, shard_name
 from tests.photos import CONVERTED, UNUSABLE, photo_folder
 
 SIZE, SHARD = 64, 4                   # 14 files, 13 usable: 4 shards, the last one short

@@ -15,11 +15,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pmf_fast.config import get_config
-from pmf_fast.dist import cleanup, parallelize
-from pmf_fast.ema import full
+from pmf_fast.dist import cleanup, full_tensor, parallelize
 from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
-from pmf_fast.muon import Muon, assign_owners, build_optimizers, ns_cost
+from pmf_fast.optimizers import Muon, assign_owners, build_optimizers, ns_cost
 from tests.helpers import assert_close_by_rule, wake_up
 
 pytestmark = pytest.mark.slow                  # process launches or compiles: not the fast lane
@@ -30,7 +29,7 @@ B, STEPS = 12, 2                              # global batch (divisible by 2 and
 
 def whole_params(model):
     """{name: a copy of the whole parameter} (FSDP2's shards gathered: a collective)."""
-    return {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+    return {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import torch
 from pmf_fast.config import get_config
 from pmf_fast.meanflow import JVP, pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
-from pmf_fast.muon import build_optimizers
+from pmf_fast.optimizers import build_optimizers
 from tests.helpers import assert_close_by_rule, wake_up
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"   # on a GPU the real kernels run (fp32, IEEE dots)

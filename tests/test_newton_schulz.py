@@ -1,8 +1,7 @@
 import pytest
 import torch
+from pmf_fast.kernels.newton_schulz import NS_COEFFICIENTS, newton_schulz_ref
 from torch.optim._muon import _zeropower_via_newtonschulz
-
-from kernels.newton_schulz import NS_COEFFICIENTS, newton_schulz_ref
 
 GPU = torch.cuda.is_available()
 
@@ -44,7 +43,7 @@ DEV = "cuda" if GPU else "cpu"
 
 
 def test_kernel_path_is_taken():
-    from kernels._triton import use_kernel
+    from pmf_fast.kernels._triton import use_kernel
     assert use_kernel(torch.empty(1, device=DEV))
 
 
@@ -53,7 +52,8 @@ def test_kernel_path_is_taken():
 def test_kernel_matches_reference(shape):
     """The symmetric Triton kernels against the fp64 reference, within 2x the eager error in the
     same dtype (fp32 in the interpreter, bf16 on a GPU)."""
-    from kernels.newton_schulz import newton_schulz
+    from pmf_fast.kernels.newton_schulz import newton_schulz
+
     from tests.helpers import assert_close_by_rule
     G = torch.randn(*shape, device=DEV)
     dtype = torch.bfloat16 if GPU else torch.float32

@@ -1,8 +1,8 @@
 """Fused patch embedding against the two convolutions: values, tangents, weight gradients."""
 import pytest
 import torch
+from pmf_fast.kernels.patch_embed import patch_embed, patch_embed_jvp, patch_embed_ref
 
-from kernels.patch_embed import patch_embed, patch_embed_jvp, patch_embed_ref
 from pmf_fast.layers import BottleneckPatchEmbedder
 from tests.helpers import assert_close_by_rule
 
@@ -84,5 +84,5 @@ def test_bad_shapes():
 
 
 def test_kernel_path_is_taken():
-    from kernels._triton import use_kernel
+    from pmf_fast.kernels._triton import use_kernel
     assert use_kernel(torch.empty(1, device=DEV))

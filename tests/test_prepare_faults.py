@@ -21,7 +21,7 @@ from PIL import Image
 
 from pmf_fast.data.__main__ import main as data_main
 from pmf_fast.data.prepare import prepare
-from pmf_fast.data.prepared import MANIFEST, open_prepared, shard_name
+from pmf_fast.data.shards import MANIFEST, open_prepared, shard_name
 from tests.photos import photo_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

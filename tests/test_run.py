@@ -19,7 +19,7 @@ from pmf_fast.checkpoint import CheckpointError
 from pmf_fast.config import OptimConfig, config_diff, get_config
 from pmf_fast.lock import LOCK, RunBusy, RunLock
 from pmf_fast.log import Log
-from pmf_fast.muon import lr_factor
+from pmf_fast.optimizers import lr_factor
 from pmf_fast.stop import StopSignals
 
 

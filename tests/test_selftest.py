@@ -8,9 +8,8 @@ import sys
 
 import pytest
 import torch
+from pmf_fast.kernels import attention, patch_embed
 
-import kernels.attention
-import kernels.patch_embed
 from pmf_fast import selftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,7 +40,7 @@ def _off_by_a_bit(fn):
 
 
 def test_a_wrong_kernel_is_named_and_exits_1(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(kernels.attention, "attention_jvp", _off_by_a_bit(kernels.attention.attention_jvp))
+    monkeypatch.setattr(attention, "attention_jvp", _off_by_a_bit(attention.attention_jvp))
     monkeypatch.setattr(selftest, "check_fast_step", lambda *a, **k: None)     # the kernels are the point here
     assert selftest.main(["--json", str(tmp_path / "s.json")]) == 1
     out = capsys.readouterr().out
@@ -52,7 +51,7 @@ def test_a_wrong_kernel_is_named_and_exits_1(tmp_path, monkeypatch, capsys):
 
 
 def test_check_run_raises_one_line_naming_the_check(monkeypatch):
-    monkeypatch.setattr(kernels.patch_embed, "patch_embed_jvp", _off_by_a_bit(kernels.patch_embed.patch_embed_jvp))
+    monkeypatch.setattr(patch_embed, "patch_embed_jvp", _off_by_a_bit(patch_embed.patch_embed_jvp))
     from pmf_fast.config import get_config
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test card")
     with pytest.raises(selftest.SelftestFailed) as e:

@@ -275,7 +275,8 @@ def test_compile_blocks_trains_as_eager_and_needs_a_cxx_compiler_on_cpu(tmp_path
 def test_attention_fallback_gradients_equal_the_reference(monkeypatch):
     """Without a GPU or TRITON_INTERPRET the attention ops run their eager fallback; its backward
     (by hand: autograd is off inside a custom op) meets the 2x rule against fp64 autograd."""
-    from kernels import attention as A
+    from pmf_fast.kernels import attention as A
+
     from tests.helpers import assert_close_by_rule
     monkeypatch.setattr(A, "use_kernel", lambda t: False)
     q, k, v, do = (torch.randn(2, 3, 37, 24) for _ in range(4))

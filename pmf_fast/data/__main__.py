@@ -63,7 +63,7 @@ def prepare(a):
 
 
 def verify(a):
-    from .prepared import verify as run
+    from .shards import verify as run
     bad = run(a.dst, a.workers)
     for name, problem in sorted(bad.items()):
         print(f"BAD  {name}: {problem}")
@@ -94,7 +94,7 @@ def main(argv=None):
     c.add_argument("--workers", type=int, default=None)
     a = p.parse_args(argv)
     from ..dist import RankFailed
-    from .prepared import PreparedError
+    from .shards import PreparedError
     try:
         return {"check": check, "prepare": prepare, "verify": verify}[a.cmd](a)
     except (FileNotFoundError, PermissionError, PreparedError, ValueError, RankFailed) as e:

@@ -1,5 +1,5 @@
 """`python -m pmf_fast.data prepare SRC DST --image-size 256`: decode, check and ADM-crop every image
-of an ImageFolder once, into the uint8 shards of pmf_fast/data/prepared.py.
+of an ImageFolder once, into the uint8 shards of pmf_fast/data/shards.py.
 
   parallel   a process pool per rank decodes chunks of 32 files straight into the shard's file
              (memory-mapped; no pixels cross a pipe); under torchrun rank r takes shards r, r+W, ...
@@ -25,14 +25,14 @@ import numpy as np
 
 from ..atomic import atomic_write, clean_temporaries, temporary_path
 from ..dist import agreed
-from . import prepared as P
+from . import shards
 from .check import inspect_image, worker_init
 from .folder import center_crop_arr, scan_folder
 
 CHUNK = 32                                 # files per worker task: ~0.3 s of decoding, a smooth progress bar
 
 
-class NoSpace(P.PreparedError):
+class NoSpace(shards.PreparedError):
     """DST's file system is full."""
 
 
@@ -41,7 +41,7 @@ def _dst_error(e, dst):
     if e.errno == errno.ENOSPC:
         return NoSpace(f"no space left on {dst}")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and str(e.filename or "").startswith(dst):
-        return P.PreparedError(f"cannot write to {dst} ({e.strerror}: {e.filename}): choose a DST this user can "
+        return shards.PreparedError(f"cannot write to {dst} ({e.strerror}: {e.filename}): choose a DST this user can "
                                "write to, or give it write permission, and run the same command again")
     return e
 
@@ -49,7 +49,7 @@ def _dst_error(e, dst):
 def crop_chunk(tmp, planned, size, paths, slot):
     """Worker: check, decode and crop `paths` into slots slot, slot+1, ... of the shard's temporary
     file. Returns [(problem, conversion note, image digest)] per file (a problem leaves its slot empty)."""
-    mm = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=P.HEADER, shape=(planned, size, size, 3))
+    mm = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=shards.HEADER, shape=(planned, size, size, 3))
     out = []
     for j, path in enumerate(paths):
         problem, note, rgb = inspect_image(path)
@@ -57,7 +57,7 @@ def crop_chunk(tmp, planned, size, paths, slot):
             out.append((problem, None, None))
             continue
         mm[slot + j] = arr = center_crop_arr(rgb, size)
-        out.append((None, note, P.image_digest(arr)))
+        out.append((None, note, shards.image_digest(arr)))
     del mm
     return out
 
@@ -97,42 +97,42 @@ def _finish_shard(dst, k, tmp, planned, size, results, rel, labels):
     keep = [i for i, r in enumerate(results) if r[0] is None]
     per_image = size * size * 3
     if len(keep) < planned and keep:
-        mm = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=P.HEADER, shape=(planned, size, size, 3))
+        mm = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=shards.HEADER, shape=(planned, size, size, 3))
         for new, old in enumerate(keep):
             if new != old:
                 mm[new] = mm[old]
         mm.flush()
         del mm
     with open(tmp, "r+b") as f:
-        f.truncate(P.HEADER + len(keep) * per_image)
-        f.write(P.npy_header(len(keep), size))
+        f.truncate(shards.HEADER + len(keep) * per_image)
+        f.write(shards.npy_header(len(keep), size))
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(dst, P.shard_name(k)))
+    os.replace(tmp, os.path.join(dst, shards.shard_name(k)))
     digests = [results[i][2] for i in keep]
-    record = {"file": P.shard_name(k), "count": len(keep), "sha256": P.shard_checksum(digests),
-              "samples": {str(i): digests[i] for i in P.sample_positions(len(keep))},
+    record = {"file": shards.shard_name(k), "count": len(keep), "sha256": shards.shard_checksum(digests),
+              "samples": {str(i): digests[i] for i in shards.sample_positions(len(keep))},
               "labels": [labels[i] for i in keep], "files": [rel[i] for i in keep],
               "unusable": {rel[i]: r[0] for i, r in enumerate(results) if r[0]},
               "converted": sum(1 for r in results if r[0] is None and r[1])}
-    atomic_write(os.path.join(dst, P.shard_name(k)[:-4] + ".json"), lambda f: json.dump(record, f), mode="w")
+    atomic_write(os.path.join(dst, shards.shard_name(k)[:-4] + ".json"), lambda f: json.dump(record, f), mode="w")
 
 
 def _record(dst, k, size):
     """The record of shard k when its file matches it (cheap checks), else None."""
-    path = os.path.join(dst, P.shard_name(k)[:-4] + ".json")
+    path = os.path.join(dst, shards.shard_name(k)[:-4] + ".json")
     try:
-        rec = P.read_json(path)
+        rec = shards.read_json(path)
     except (OSError, ValueError):
         return None
-    return rec if P.shard_problem(dst, rec, size) is None else None
+    return rec if shards.shard_problem(dst, rec, size) is None else None
 
 
 def _check_plan(dst, plan):
     """Write DST's plan, or check that the one there asks for the same; a one-line error if not."""
-    path = os.path.join(dst, P.PLAN)
+    path = os.path.join(dst, shards.PLAN)
     if os.path.isfile(path):
-        old = P.read_json(path)
+        old = shards.read_json(path)
         if old.get("source") != plan["source"]:
             return f"{dst} was prepared from {old.get('source')}, not {plan['source']}: choose another DST"
         if old.get("image_size") != plan["image_size"]:
@@ -156,10 +156,10 @@ def prepare(src, dst, image_size=256, shard_size=None, workers=None, rank=0, wor
     """Prepare SRC (root/<class>/<image>) into DST as rank `rank` of `world` (the ranks share the
     shards); rank 0 writes the manifest once all shards are recorded. Returns the manifest."""
     if image_size < 1 or (shard_size is not None and shard_size < 1):
-        raise P.PreparedError(f"--image-size {image_size} and --shard-size {shard_size} must be positive")
+        raise shards.PreparedError(f"--image-size {image_size} and --shard-size {shard_size} must be positive")
     src, dst = os.path.abspath(src), os.path.abspath(dst)
     if os.path.commonpath([src, dst]) == src:
-        raise P.PreparedError(f"DST {dst} is inside SRC {src}: it would be read as a class; choose another DST")
+        raise shards.PreparedError(f"DST {dst} is inside SRC {src}: it would be read as a class; choose another DST")
     # every step that ranks wait after is agreed (pmf_fast/dist.agreed): a rank that fails there stops
     # them all with its line, where it would otherwise leave them waiting for hours (the gloo timeout)
     with agreed(f"preparing {dst}"):
@@ -170,9 +170,9 @@ def prepare(src, dst, image_size=256, shard_size=None, workers=None, rank=0, wor
                 "(fix their permissions and prepare into a new DST to include them): "
                 + "; ".join(f"{d}: {why}" for d, why in unreadable.items()))
         rel = [os.path.relpath(f, src) for f in files]
-        shard_size = shard_size or P.default_shard_size(image_size)
+        shard_size = shard_size or shards.default_shard_size(image_size)
         listing = hashlib.sha256("".join(f"{r}\0{y}\n" for r, y in zip(rel, labels)).encode()).hexdigest()
-        plan = {"format": P.FORMAT, "source": src, "image_size": image_size, "shard_size": shard_size,
+        plan = {"format": shards.FORMAT, "source": src, "image_size": image_size, "shard_size": shard_size,
                 "num_files": len(files), "classes": classes, "listing_sha256": listing}
         if unreadable:                               # a key only when needed: plans begun before it still match
             plan["unreadable"] = unreadable
@@ -181,7 +181,7 @@ def prepare(src, dst, image_size=256, shard_size=None, workers=None, rank=0, wor
         except OSError as e:
             raise _dst_error(e, dst) from None
         if refusal:
-            raise P.PreparedError(refusal)
+            raise shards.PreparedError(refusal)
 
     n_shards = math.ceil(len(files) / shard_size)
     span = lambda k: range(k * shard_size, min(len(files), (k + 1) * shard_size))     # noqa: E731
@@ -190,7 +190,7 @@ def prepare(src, dst, image_size=256, shard_size=None, workers=None, rank=0, wor
         with agreed(f"preparing {dst}"):
             try:
                 for k in mine:                       # left by a killed run of this rank's shards (any host)
-                    clean_temporaries(dst, P.shard_name(k), all_hosts=True)
+                    clean_temporaries(dst, shards.shard_name(k), all_hosts=True)
                 todo = [k for k in mine if _record(dst, k, image_size) is None]
                 local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
                 workers = workers or max(1, (os.cpu_count() or 1) // local_world)
@@ -241,9 +241,9 @@ def _run(dst, todo, span, files, rel, labels, size, workers, progress):
                 k, s, paths = task
                 if k not in open_shards:
                     n = len(span(k))
-                    tmp = temporary_path(os.path.join(dst, P.shard_name(k)))
+                    tmp = temporary_path(os.path.join(dst, shards.shard_name(k)))
                     open_shards[k] = {"tmp": tmp, "results": [None] * n, "left": math.ceil(n / CHUNK)}
-                    _reserve(tmp, P.HEADER + n * per_image)
+                    _reserve(tmp, shards.HEADER + n * per_image)
                 pending[ex.submit(crop_chunk, open_shards[k]["tmp"], len(span(k)), size, paths, s)] = (k, s)
                 task = next(tasks, None)
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
@@ -273,23 +273,23 @@ def _write_manifest(dst, plan, n_shards):
     for k in range(n_shards):
         rec = _record(dst, k, plan["image_size"])
         if rec is None:
-            raise P.PreparedError(f"{dst}: {P.shard_name(k)} is missing or damaged after every rank finished "
+            raise shards.PreparedError(f"{dst}: {shards.shard_name(k)} is missing or damaged after every rank finished "
                                   "(is DST on a file system that every node sees?); run the same command again")
         records.append(rec)
     labels = np.array([y for r in records for y in r["labels"]], dtype=np.int64)
-    atomic_write(os.path.join(dst, P.LABELS), lambda f: np.save(f, labels))
-    atomic_write(os.path.join(dst, P.FILES), lambda f: f.write("".join(p + "\n" for r in records for p in r["files"])),
-                 mode="w")
+    atomic_write(os.path.join(dst, shards.LABELS), lambda f: np.save(f, labels))
+    listing = "".join(p + "\n" for r in records for p in r["files"])
+    atomic_write(os.path.join(dst, shards.FILES), lambda f: f.write(listing), mode="w")
     import PIL
     size = plan["image_size"]
-    manifest = {"format": P.FORMAT, "source": plan["source"], "image_size": size, "crop": P.CROP,
+    manifest = {"format": shards.FORMAT, "source": plan["source"], "image_size": size, "crop": shards.CROP,
                 "pillow": PIL.__version__, "classes": plan["classes"], "num_files": plan["num_files"],
-                "num_images": int(len(labels)), "bytes": int(len(labels)) * size * size * 3 + P.HEADER * n_shards,
+                "num_images": int(len(labels)), "bytes": int(len(labels)) * size * size * 3 + shards.HEADER * n_shards,
                 "unusable": {**plan.get("unreadable", {}),
                              **{f: why for r in records for f, why in r["unusable"].items()}},
                 "converted": sum(r["converted"] for r in records),
                 "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),
                 "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "shards": [{k: r[k] for k in ("file", "count", "sha256", "samples")} for r in records]}
-    atomic_write(os.path.join(dst, P.MANIFEST), lambda f: json.dump(manifest, f, indent=1), mode="w")
+    atomic_write(os.path.join(dst, shards.MANIFEST), lambda f: json.dump(manifest, f, indent=1), mode="w")
     return manifest

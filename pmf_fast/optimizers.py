@@ -23,7 +23,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from kernels.newton_schulz import NS_COEFFICIENTS, newton_schulz_ref
+from .dist import is_dtensor
+from .kernels.newton_schulz import NS_COEFFICIENTS, newton_schulz_ref
 
 # torch 2.14 deprecates all_gather_into_tensor (a warning) for all_gather_single, which 2.11 lacks
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -54,10 +55,6 @@ def assign_owners(shapes, world):
         r = min(range(world), key=lambda r: (load[r], r))
         owner[i], load[r] = r, load[r] + ns_cost(shapes[i])
     return owner
-
-
-def _is_dtensor(t):
-    return type(t).__name__ == "DTensor"
 
 
 def default_ns(G, steps, coefficients, eps):
@@ -115,11 +112,11 @@ class Muon(torch.optim.Optimizer):
                 # Nesterov with bias correction (optax): beta mu_hat + (1 - beta) g_hat
                 upd = beta * state["mu"] / (1 - beta ** (k + 1)) + (1 - beta) * g / (1 - beta ** k)
                 params.append(p)
-                updates.append(upd.full_tensor() if _is_dtensor(upd) else upd)   # FSDP2: gather whole
+                updates.append(upd.full_tensor() if is_dtensor(upd) else upd)   # FSDP2: gather whole
             ortho = self._orthogonalise(updates, group, rank, world)
             for p, o in zip(params, ortho):
                 rows, cols = p.shape
-                if _is_dtensor(p):                           # keep this rank's shard (local slice, no traffic)
+                if is_dtensor(p):                           # keep this rank's shard (local slice, no traffic)
                     from torch.distributed.tensor import distribute_tensor
                     o = distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None)
                 if group["weight_decay"]:
@@ -197,7 +194,7 @@ class NAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 steps.append(state["step"])
-                key = (p.device, p.dtype, _is_dtensor(p), state["step"].item() + 1)
+                key = (p.device, p.dtype, is_dtensor(p), state["step"].item() + 1)
                 batch = batches.setdefault(key, ([], [], [], []))
                 for lst, t in zip(batch, (p, p.grad, state["exp_avg"], state["exp_avg_sq"])):
                     lst.append(t)

@@ -3,11 +3,11 @@ import io
 
 import pytest
 import torch
+from pmf_fast.kernels.newton_schulz import newton_schulz_ref
 
-from kernels.newton_schulz import newton_schulz_ref
 from pmf_fast.config import get_config
 from pmf_fast.model import PMFDiT
-from pmf_fast.muon import Muon, NAdamW, Optimizers, build_optimizers, split_params
+from pmf_fast.optimizers import Muon, NAdamW, Optimizers, build_optimizers, split_params
 from tests.helpers import assert_close_by_rule
 
 NOTICE = "resumes from a torch.optim.AdamW state"
