@@ -29,7 +29,7 @@ from pmf_fast.data import make_loader
 from pmf_fast.ema import EMAs
 from pmf_fast.init import init_weights
 from pmf_fast.lock import RunBusy
-from pmf_fast.log import Log, Meter, progress_bar
+from pmf_fast.log import Log, Meter, progress_bar, rank_zero
 from pmf_fast.meanflow import pmf_loss, sample_draws
 from pmf_fast.model import PMFDiT
 from pmf_fast.optimizers import build_optimizers, lr_factor
@@ -57,34 +57,34 @@ def main(argv=None):
     rank, world, _, device = dist.setup()
     is_main, threads = rank == 0, torch.get_num_threads()     # restored at the end (the tuner changes it)
 
+    say = rank_zero(is_main)                         # rank 0's lines until the run's Log exists
+
     # ------------------------------------------------------------ the run, found, checked and claimed before any write
-    run = Run(args.preset, args.name, args.resume, overrides, rank, print if is_main else (lambda s: None))
-    stopper = None
+    run = Run(args.preset, args.name, args.resume, overrides, rank, say)
+    stopper = log = None
+    ended = False                                    # the run ended without an error: the ranks wait for each other
     try:
         cfg, m, o, tc = run.cfg, run.cfg.model, run.cfg.objective, run.cfg.train
         if run.stage == "done":
             run.say_done(is_main)
-            dist.cleanup()
+            ended = True
             return run.dir
         micro = check_fits(m, tc, world)            # micro-batches per rank and step (gradient accumulation)
-        impl, bf16, compiled = dist.step_settings(tc, device)
+        impl, bf16, compiled = dist.step_settings(tc, device, say)
         with dist.agreed("the kernel self-test"):    # a kernel wrong on one rank's card stops every rank
-            selftest.before_training(tc, m, impl, bf16, device, print if is_main else (lambda s: None))
+            selftest.before_training(tc, m, impl, bf16, device, say)
 
         # ------------------------------------------------------------ data, log
         with dist.agreed("the data set-up"):         # one rank unable to read the data stops every rank
-            loader, n_images, n_classes = make_loader(tc.data, m.image_size, tc.batch_size // world, rank, world,
-                                                      tc.seed, device, tc.num_workers, tc.loader,
-                                                      lambda s: print(s, flush=True) if is_main else None, tc.flip,
-                                                      micro)
+            loader, n_images, n_classes = make_loader(
+                tc.data, image_size=m.image_size, batch_per_rank=tc.batch_size // world, rank=rank, world_size=world,
+                seed=tc.seed, device=device, num_workers=tc.num_workers, loader=tc.loader, log=say, flip=tc.flip,
+                micro=micro)
         if n_classes > m.num_classes:
             raise ConfigError(f"the data has {n_classes} classes but model.num_classes={m.num_classes}")
         steps = tc.steps or tc.epochs * (n_images // tc.batch_size)
         run.make_dir(is_main)
         log = Log(run.dir, is_main, tc.tensorboard, progress_bar(steps, is_main))
-        if compiled and device.type == "cpu" and not dist.cxx_compiler():
-            log("train.compile: no C++ compiler for torch.compile on the CPU (g++, or set $CXX); blocks run eager")
-            compiled = False
         log(f"run {run.dir}: {cfg.preset}, {n_images} images, {n_classes} classes, {steps} steps of "
             f"{tc.batch_size} ({world} ranks, {device.type}, {'bf16' if bf16 else 'fp32'}, impl {impl}, "
             f"{tc.parallel if world > 1 else 'one rank'}, blocks {'compiled' if compiled else 'eager'}, "
@@ -94,7 +94,8 @@ def main(argv=None):
         # ------------------------------------------------------------ model, parallelism, optimizers, EMAs, losses
         torch.manual_seed(tc.seed)                   # the same init on every rank (DDP broadcasts rank 0's anyway)
         model = PMFDiT(m, t_eps=o.t_eps).to(device).set_impl(impl)
-        step_model = dist.parallelize(model, impl, tc.parallel, tc.checkpointing, tc.shard_size, device, compiled)
+        step_model = dist.parallelize(model, compile=compiled, parallel=tc.parallel, checkpointing=tc.checkpointing,
+                                      shard_size=tc.shard_size, device=device)
         if tc.init:                                  # a fresh run only; the EMAs below start from these weights too
             init_weights(model, tc, run.meta is not None, log)
         optimizers = build_optimizers(model, cfg.optim)
@@ -102,11 +103,13 @@ def main(argv=None):
         with dist.agreed("loading the perceptual networks"):   # e.g. a weight file missing on one node
             perceptual = perceptual_loss(o, device, log)
         state = TrainState(loader, device, tc.seed, rank, world, micro)
-        checkpointer = Checkpointer(run.dir, cfg, model, optimizers, emas, state, device, log)
+        checkpointer = Checkpointer(run.dir, cfg, model=model, optimizers=optimizers, emas=emas, state=state,
+                                    device=device, log=log)
         run.resume(checkpointer, log)                # every stateful piece takes its own state
         if is_main:
             save_config(cfg, os.path.join(run.dir, "config.json"))   # only now: a refused resume changed nothing
-        sampling = TrainSampling(cfg, model, emas, run.dir, n_classes, device, rank, world, log)
+        sampling = TrainSampling(cfg, model=model, emas=emas, run_dir=run.dir, num_classes=n_classes, device=device,
+                                 rank=rank, world=world, log=log)
         log.advance(state.step)
 
         # ------------------------------------------------------------ training loop
@@ -166,21 +169,21 @@ def main(argv=None):
                 tuner.pause()                        # that step's time was not all training
 
         end_of_run(stopper, state, sampling, log)
-        log.close()
-        dist.cleanup()
+        ended = True
         return run.dir
     finally:                                         # however main ends: the signal handlers go, the lock too
         if stopper is not None:
             stopper.close()
-        run.close()
+        if log is not None:
+            log.close()
+        dist.cleanup(wait=ended)
+        run.close()                                  # after every rank is done (the barrier): then the lock goes
         torch.set_num_threads(threads)
 
 
 def end_of_run(stopper, state, sampling, log):
     """Say why the loop ended; after a complete run, the final samples, the digits judge and end.json."""
     if stopper.lock_lost:
-        log.close()
-        dist.cleanup()
         raise RunBusy(f"stopped at step {state.step}: {stopper.reason}: another run took over {log.run_dir}; "
                       "this run wrote nothing more there. Let that run finish, or stop it and run this command "
                       "again to continue from the newest checkpoint")
@@ -189,8 +192,6 @@ def end_of_run(stopper, state, sampling, log):
                 "set train.nonfinite=skip to skip such steps")
         log(f"stopped at step {state.step}: {stopper.reason}; no checkpoint was written after the loss went bad "
             f"({hint})")
-        log.close()
-        dist.cleanup()
         raise FloatingPointError(f"{stopper.reason} at step {state.step}")
     if stopper.reason and not state.finished:
         log(f"stopped at step {state.step} ({stopper.reason}); checkpoint written: run the same command to continue")

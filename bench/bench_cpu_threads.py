@@ -44,8 +44,7 @@ def digits_step():
     cfg = get_config(DEFAULT_PRESET)
     m, o, tc = cfg.model, cfg.objective, cfg.train
     torch.manual_seed(0)
-    loader, _, _ = make_loader("digits", m.image_size, tc.batch_size, 0, 1, 0, torch.device("cpu"), 0,
-                               log=lambda s: None)
+    loader, _, _ = make_loader("digits", image_size=m.image_size, batch_per_rank=tc.batch_size, log=lambda s: None)
     model = PMFDiT(m, t_eps=o.t_eps).set_impl("eager")
     optimizers = build_optimizers(model, cfg.optim)
     emas = EMAs(model, tc.ema_halflives_kimg, tc.batch_size)

@@ -85,8 +85,8 @@ ROWS = [("pil", 0), ("pil", 8)] + ([("dali", 4)] if HAVE_DALI else []) + [("prep
 def test_loader_throughput(benchmark, folder, prepared, kind, workers):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = prepared[0] if kind == "prepared" else folder
-    loader, n, _ = make_loader(data, SIZE, BATCH, 0, 1, 0, device, workers, "pil" if kind == "prepared" else kind,
-                               log=lambda s: None)
+    loader, n, _ = make_loader(data, image_size=SIZE, batch_per_rank=BATCH, device=device, num_workers=workers,
+                               loader="pil" if kind == "prepared" else kind, log=lambda s: None)
     batches = max(2, min(n // BATCH - 1, 8 if kind != "prepared" else 40))
     rate = images_per_s(loader, batches)
     rates[f"{kind}, {workers}"] = rate

@@ -70,8 +70,8 @@ def measure(preset, variant, batch, steps=8):
     torch.manual_seed(0)
     model = PMFDiT(m).to(dev).set_impl(impl)
     # the CPU smoke run skips compiling (tests/test_compile.py covers it)
-    step_model = parallelize(model, impl, device=torch.device(dev),
-                             compile=variant != "kernels" and impl == "fast" and not SMOKE)
+    step_model = parallelize(model, compile=variant != "kernels" and impl == "fast" and not SMOKE,
+                             device=torch.device(dev))
     opts = build_optimizers(model, cfg.optim)
     perceptual = None
     if variant == "fast+convnext":

@@ -274,7 +274,7 @@ class Checkpointer:
     the EMAs and the training state (TrainState), with the config. A .pt file from rank 0, or a
     DCP directory from every rank under FSDP2 (train.parallel=fsdp). Every rank calls save()."""
 
-    def __init__(self, run_dir, cfg, model, optimizers, emas, state, device, log):
+    def __init__(self, run_dir, cfg, *, model, optimizers, emas, state, device, log):
         self.run_dir, self.cfg, self.model, self.optimizers = run_dir, cfg, model, optimizers
         self.emas, self.state, self.device, self.log = emas, state, device, log
         self.sharded = cfg.train.parallel == "fsdp"

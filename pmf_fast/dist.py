@@ -81,13 +81,17 @@ def compile_blocks(model, backend="inductor"):
         block.compile(backend=backend, fullgraph=True, dynamic=False)
 
 
-def step_settings(tc, device):
-    """(impl, bf16, compiled) of train.impl / precision / compile on this device: fast, bf16 autocast and
-    per-block compile on CUDA; eager and fp32 on a CPU. TF32 matmuls on CUDA (bf16 autocast leaves
-    fp32 matmuls, e.g. the optimizers', to it)."""
+def step_settings(tc, device, log=print):
+    """(impl, bf16, compiled) of train.impl / precision / compile on this device, the one place they are
+    decided: fast, bf16 autocast and per-block compile on CUDA; eager and fp32 on a CPU. Blocks run
+    eager on a CPU without a C++ compiler (said in one line). TF32 matmuls on CUDA (bf16 autocast
+    leaves fp32 matmuls, e.g. the optimizers', to it)."""
     impl = tc.impl if tc.impl != "auto" else ("fast" if device.type == "cuda" else "eager")
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     compiled = tc.compile == "blocks" or (tc.compile == "auto" and impl == "fast")
+    if compiled and device.type == "cpu" and not cxx_compiler():
+        log("train.compile: no C++ compiler for torch.compile on the CPU (g++, or set $CXX); blocks run eager")
+        compiled = False
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -121,13 +125,13 @@ def apply_fsdp(model, device, shard_size=0):
     return model
 
 
-def parallelize(model, impl, parallel="ddp", checkpointing="none", shard_size=0, device=None, compile=None):
+def parallelize(model, *, compile, parallel="ddp", checkpointing="none", shard_size=0, device=None):
     """The module the training step calls: `model` itself (one rank, or FSDP2 in place) or its DDP
-    wrapper. Order as torchtitan: checkpointing, then compile (by default for impl "fast"), then
-    data parallelism."""
+    wrapper. Order as torchtitan: checkpointing, then compile (step_settings decides it), then data
+    parallelism."""
     if checkpointing == "blocks":
         apply_checkpointing(model)
-    if impl == "fast" if compile is None else compile:
+    if compile:
         compile_blocks(model)
     if world_size() == 1:
         return model
@@ -231,10 +235,13 @@ def barrier():
         dist.barrier()
 
 
-def cleanup():
+def cleanup(wait=True):
     """End of a run on every rank: wait for all, then tear down. Without the barrier a rank that is done
     first closes its connections while another still works (rank 0 sampling, saving), and gloo can
-    abort a peer that is still finishing (SIGABRT, "terminate called without an active exception")."""
-    if is_dist():
+    abort a peer that is still finishing (SIGABRT, "terminate called without an active exception").
+    wait=False (a rank leaving on an error): nothing. The barrier may never be reached by the others,
+    and NCCL's destroy_process_group is itself collective (it flushes pending collectives first,
+    pytorch#141510): the process's exit tears the group down, and torchrun stops the other ranks."""
+    if is_dist() and wait:
         dist.barrier()
         dist.destroy_process_group()

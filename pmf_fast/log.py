@@ -9,6 +9,11 @@ from .atomic import atomic_write
 from .dist import all_reduce_mean
 
 
+def rank_zero(is_main):
+    """The log before Log exists: print on rank 0 (flushed: torchrun pipes stdout), nothing elsewhere."""
+    return (lambda s: print(s, flush=True)) if is_main else (lambda s: None)
+
+
 class Meter:
     """Loss terms summed between log steps, averaged over ranks at the log step with the rate."""
 

@@ -182,7 +182,7 @@ class TrainSampling:
     judge at the end of a digits run. Every rank calls each method (gathering FSDP2's shards is a
     collective); rank 0 writes."""
 
-    def __init__(self, cfg: Config, model, emas, run_dir, num_classes, device, rank, world, log):
+    def __init__(self, cfg: Config, *, model, emas, run_dir, num_classes, device, rank, world, log):
         self.cfg, self.model, self.emas, self.run_dir = cfg, model, emas, run_dir
         self.num_classes, self.device, self.rank, self.world, self.log = num_classes, device, rank, world, log
         self.fid_setup = None

@@ -21,12 +21,12 @@ def test_shards_partition_each_global_batch():
 
 
 def test_loader_resumes_at_the_same_position():
-    a, _, _ = make_loader("digits", 16, 32, 0, 1, 0, "cpu")
+    a, _, _ = make_loader("digits", image_size=16, batch_per_rank=32)
     for _ in range(50):                                   # past an epoch boundary (44 batches)
         next(a)
     state = a.state_dict()
     expect = [next(a)[1] for _ in range(3)]
-    b, _, _ = make_loader("digits", 16, 32, 0, 1, 0, "cpu")
+    b, _, _ = make_loader("digits", image_size=16, batch_per_rank=32)
     b.load_state_dict(state)
     assert all(torch.equal(x, next(b)[1]) for x in expect)
 
@@ -47,7 +47,7 @@ def test_folder_dataset(tmp_path):
     files, labels, classes = scan_folder(str(tmp_path))
     assert classes == ["ant", "moth", "zebra"] and len(files) == 12            # sorted, as ImageFolder
     assert labels == sorted(labels)
-    loader, n, k = make_loader(str(tmp_path), 16, 4, 0, 1, 0, "cpu")
+    loader, n, k = make_loader(str(tmp_path), image_size=16, batch_per_rank=4)
     x, y = next(loader)
     assert (n, k) == (12, 3) and x.shape == (4, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
 
@@ -74,9 +74,9 @@ def test_bad_dataset_dirs(tmp_path):
 
 
 def test_flip_is_optional_seeded_and_mirrors():
-    plain, _, _ = make_loader("digits", 16, 32, 0, 1, 0, "cpu")
-    flipped, _, _ = make_loader("digits", 16, 32, 0, 1, 0, "cpu", flip=True)
-    again, _, _ = make_loader("digits", 16, 32, 0, 1, 0, "cpu", flip=True)
+    plain, _, _ = make_loader("digits", image_size=16, batch_per_rank=32)
+    flipped, _, _ = make_loader("digits", image_size=16, batch_per_rank=32, flip=True)
+    again, _, _ = make_loader("digits", image_size=16, batch_per_rank=32, flip=True)
     (a, ya), (b, yb), (c, _) = next(plain), next(flipped), next(again)
     assert torch.equal(ya, yb) and torch.equal(b, c)                       # same position, same flips
     same = [(b[i] == a[i]).all().item() for i in range(32)]

@@ -51,7 +51,7 @@ def test_prepared_images_are_the_pil_loaders_bit_for_bit(prepared):
     for path, img in zip(files, ds[:]):
         assert np.array_equal(img, center_crop_arr(load_rgb(path), SIZE)), path
     # the loader's floats are FolderDataset's, batch by batch, across an epoch boundary (2 per epoch)
-    loader, n, k = make_loader(dst, SIZE, 5, 0, 1, 0, "cpu", log=lambda s: None)
+    loader, n, k = make_loader(dst, image_size=SIZE, batch_per_rank=5, device="cpu", log=lambda s: None)
     assert isinstance(loader, PreparedLoader) and (n, k) == (13, 2)
     folder = FolderDataset(files, labels, SIZE)
     for _ in range(3):
@@ -64,9 +64,10 @@ def test_prepared_images_are_the_pil_loaders_bit_for_bit(prepared):
 def test_batches_are_world_size_invariant_and_resume_exactly(prepared):
     dst = prepared[1]
     quiet = lambda s: None                                                          # noqa: E731
-    one = make_loader(dst, SIZE, 6, 0, 1, 3, "cpu", log=quiet, flip=True)[0]
-    two = [make_loader(dst, SIZE, 3, r, 2, 3, "cpu", 2, log=quiet, flip=True)[0] for r in range(2)]
-    plain = make_loader(dst, SIZE, 6, 0, 1, 3, "cpu", log=quiet)[0]
+    one = make_loader(dst, image_size=SIZE, batch_per_rank=6, seed=3, device="cpu", log=quiet, flip=True)[0]
+    two = [make_loader(dst, image_size=SIZE, batch_per_rank=3, rank=r, world_size=2, seed=3, num_workers=2, log=quiet,
+                       flip=True)[0] for r in range(2)]
+    plain = make_loader(dst, image_size=SIZE, batch_per_rank=6, seed=3, device="cpu", log=quiet)[0]
     mirrored = 0
     for _ in range(3):                                                              # 2 batches per epoch
         (x, y), (px, _) = next(one), next(plain)
@@ -80,7 +81,7 @@ def test_batches_are_world_size_invariant_and_resume_exactly(prepared):
     assert 0 < mirrored < 18
     state = one.state_dict()
     expect = [next(one) for _ in range(3)]
-    again = make_loader(dst, SIZE, 6, 0, 1, 3, "cpu", log=quiet, flip=True)[0]
+    again = make_loader(dst, image_size=SIZE, batch_per_rank=6, seed=3, device="cpu", log=quiet, flip=True)[0]
     again.load_state_dict(state)
     for ex, ey in expect:
         x, y = next(again)
@@ -90,8 +91,9 @@ def test_batches_are_world_size_invariant_and_resume_exactly(prepared):
 @pytest.mark.gpu(reason="the pinned buffers and CUDA events need a GPU")
 def test_cuda_batches_equal_the_cpu_ones(prepared):
     dst = prepared[1]
-    cpu = make_loader(dst, SIZE, 5, 0, 1, 0, "cpu", log=lambda s: None, flip=True)[0]
-    gpu = make_loader(dst, SIZE, 5, 0, 1, 0, "cuda", 2, log=lambda s: None, flip=True)[0]
+    cpu = make_loader(dst, image_size=SIZE, batch_per_rank=5, device="cpu", log=lambda s: None, flip=True)[0]
+    gpu = make_loader(dst, image_size=SIZE, batch_per_rank=5, device="cuda", num_workers=2, log=lambda s: None,
+                      flip=True)[0]
     assert gpu.bufs[0].is_pinned()
     for _ in range(7):                                  # past the epoch and around the ring of 3 buffers
         (a, ya), (b, yb) = next(cpu), next(gpu)
@@ -116,7 +118,7 @@ def test_prepare_resumes_after_a_full_disk(prepared, tmp_path, monkeypatch, caps
                    "(2 of 5 shards finished)")
     assert not [f for f in os.listdir(dst) if ".tmp." in f] and not os.path.exists(os.path.join(dst, MANIFEST))
     with pytest.raises(PreparedError, match="unfinished prepared dataset: run .* again to finish it"):
-        make_loader(dst, SIZE, 2, 0, 1, 0, "cpu")
+        make_loader(dst, image_size=SIZE, batch_per_rank=2, device="cpu")
     stale = os.path.join(dst, shard_name(4) + ".tmp.999999999")     # as left by a killed run (no such pid)
     open(stale, "wb").write(b"half a shard")
     calls.clear()
@@ -163,7 +165,7 @@ def test_prepare_refuses_other_sources_sizes_and_dirs(prepared, tmp_path):
     with pytest.raises(PreparedError, match=f"holds {SIZE} px images, not 32 px: choose another DST"):
         prepare(src, dst, 32, log=lambda s: None)
     with pytest.raises(PreparedError, match=f"holds {SIZE} px images but 32 px are asked for"):
-        make_loader(dst, 32, 2, 0, 1, 0, "cpu")
+        make_loader(dst, image_size=32, batch_per_rank=2, device="cpu")
     other = photo_folder(tmp_path / "other", per_class=1, seed=1)
     with pytest.raises(PreparedError, match=f"was prepared from {src}, not {other}"):
         prepare(other, dst, SIZE, SHARD, log=lambda s: None)
@@ -275,11 +277,13 @@ def _fid_reference_ranks(rank, world, init_file, dst, out_dir):
     E.extract = lambda ex, images, *a, **k: (seen.append(len(images)), real(ex, images, *a, **k))[1]
     lines = []
     with gloo_group(rank, world, init_file):
-        ts = sampling.TrainSampling(cfg, None, None, out_dir, 10, "cpu", rank, world, lines.append)
+        ts = sampling.TrainSampling(cfg, model=None, emas=None, run_dir=out_dir, num_classes=10, device="cpu",
+                                    rank=rank, world=world, log=lines.append)
         ready = ts.fid_setup is not None and (ts.fid_setup[1] is not None) == (rank == 0)
         E.prepared_reference = lambda *a: (_ for _ in ()).throw(RuntimeError("disk on fire"))
         try:
-            sampling.TrainSampling(cfg, None, None, out_dir, 10, "cpu", rank, world, lines.append)
+            sampling.TrainSampling(cfg, model=None, emas=None, run_dir=out_dir, num_classes=10, device="cpu",
+                                   rank=rank, world=world, log=lines.append)
             failure = None
         except (RuntimeError, RankFailed) as e:
             failure = f"{type(e).__name__}: {e}"

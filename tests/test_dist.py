@@ -66,7 +66,8 @@ def part(d, sl):
 def train_steps(rank, world, parallel, dtype=torch.float32, checkpointing="none", shard_size=0):
     """Params after STEPS optimizer steps, each rank on its slice of the global batch."""
     cfg, model, x, y, draws = problem(dtype)
-    step_model = parallelize(model, "eager", parallel, checkpointing, shard_size, torch.device("cpu"))
+    step_model = parallelize(model, compile=False, parallel=parallel, checkpointing=checkpointing,
+                             shard_size=shard_size, device=torch.device("cpu"))
     opts = build_optimizers(model, cfg.optim)
     sl = slice(rank * B // world, (rank + 1) * B // world)
     losses = []
@@ -188,7 +189,7 @@ def _skip_worker(rank, world, init_file, out_dir, parallel):
     DDP / FSDP2 set up in the forward (its gradients NaN), then drops its gradients; the next step works."""
     with gloo_group(rank, world, init_file):
         cfg, model, x, y, draws = problem()
-        step_model = parallelize(model, "eager", parallel, "none", 0, torch.device("cpu"))
+        step_model = parallelize(model, compile=False, parallel=parallel, device=torch.device("cpu"))
         opts = build_optimizers(model, cfg.optim)
         sl = slice(rank * B // world, (rank + 1) * B // world)
         before = whole_params(model)

@@ -150,7 +150,7 @@ def test_a_training_step_does_not_sync_the_host():
     from pmf_fast.ema import EMAs
     cfg, model, x, y, _ = setup(B=8)
     model.set_impl("fast")
-    step_model = parallelize(model, "fast")
+    step_model = parallelize(model, compile=True)
     opts = build_optimizers(model, cfg.optim)
     emas = EMAs(model, cfg.train.ema_halflives_kimg, 8)
     gen, cpu_gen = generators(0)

@@ -75,7 +75,7 @@ def test_train_stops_before_the_first_step_when_a_kernel_is_wrong(tmp_path, monk
 
     monkeypatch.setattr(selftest, "check_run", failing)
     monkeypatch.setattr(dist, "setup", lambda: (0, 1, 0, torch.device("cuda", 0)))
-    monkeypatch.setattr(dist, "step_settings", lambda tc, device: ("fast", True, True))
+    monkeypatch.setattr(dist, "step_settings", lambda tc, device, log: ("fast", True, True))
     with pytest.raises(selftest.SelftestFailed) as e:
         train.main(["--preset", "pMF-XS/4-test", f"train.out_dir={tmp_path}", "train.steps=2"])
     assert str(e.value) == line and calls == [(torch.bfloat16, "cuda")]

@@ -1,7 +1,7 @@
 """Data for train.py: batches of images in [-1, 1] (NCHW, on the training device) and integer
 labels, sharded by rank, with a position that checkpoints save and resume restores exactly.
 
-    loader, n, num_classes = make_loader(data, image_size, batch_per_rank, rank, world_size, seed, device)
+    loader, n, num_classes = make_loader(data, image_size=256, batch_per_rank=32, rank=r, world_size=W, seed=0)
     x, y = next(loader);  state = loader.state_dict();  loader.load_state_dict(state)
 
 `data` is "digits", a prepared dataset (python -m pmf_fast.data prepare SRC DST: the fast path, no
@@ -53,8 +53,8 @@ class Loader:
         self.epoch, self.index, self._it = s["epoch"], s["index"], None
 
 
-def make_loader(data, image_size, batch_per_rank, rank, world_size, seed, device, num_workers=0, loader="auto",
-                log=print, flip=False, micro=1):
+def make_loader(data, *, image_size, batch_per_rank, rank=0, world_size=1, seed=0, device="cpu", num_workers=0,
+                loader="auto", log=print, flip=False, micro=1):
     """data: "digits", a prepared dataset, or an ImageFolder directory. loader (folders only): "dali",
     "pil", or "auto" (DALI when installed). A prepared dataset is memory-mapped (num_workers: gather
     threads); a folder's unusable images are left out (a cached scan, shared out over the ranks).
