@@ -6,6 +6,7 @@ Every block takes the tangent through its module call (pmf_fast/layers.py), so t
 wrappers hang on `__call__` see every use of every parameter, on the JVP pass as on the primal one.
 """
 import contextlib
+import datetime
 import os
 import shutil
 import socket
@@ -13,6 +14,13 @@ import sys
 
 import torch
 import torch.distributed as dist
+
+# The agreed set-up steps and every gather of Python objects (stops, saves, resumes) run on a CPU
+# (gloo) group of their own, with a timeout long enough for a step one rank takes while the others
+# wait: rank 0 computing the FID reference of ImageNet's 1.28 M images, an ImageFolder scan. On the
+# default NCCL group they would end at its 10-minute collective timeout.
+OBJECTS_TIMEOUT = datetime.timedelta(hours=2)
+_objects_group = None                       # made by setup(); None: the default group (a test's own gloo group)
 
 
 def setup():
@@ -35,6 +43,8 @@ def setup():
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    global _objects_group
+    _objects_group = dist.new_group(backend="gloo", timeout=OBJECTS_TIMEOUT)
     return rank, world, local, device
 
 
@@ -198,7 +208,7 @@ def all_gather_objects(obj):
     if not is_dist():
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_objects_group)
     return out
 
 
@@ -210,8 +220,10 @@ class RankFailed(RuntimeError):
 def agreed(what):
     """`with agreed("the data set-up"): ...` on every rank: when the block fails on any rank, every rank
     stops (its own error where it failed, RankFailed with the first failing rank's line elsewhere), so
-    none is left waiting in a later collective (until NCCL's timeout aborts it) for a rank that has gone. The
-    block itself must hold no collective. One all-gather of a small object."""
+    none is left waiting in a later collective (until NCCL's timeout aborts it) for a rank that has gone.
+    A collective inside the block must only follow code that cannot fail on one rank alone, or nested
+    `agreed` blocks around it (the data scan's gathers do this): a rank that failed before it would meet
+    the others' collective with its own. One all-gather of a small object on the objects group."""
     try:
         yield
     except Exception as e:
@@ -242,6 +254,8 @@ def cleanup(wait=True):
     wait=False (a rank leaving on an error): nothing. The barrier may never be reached by the others,
     and NCCL's destroy_process_group is itself collective (it flushes pending collectives first,
     pytorch#141510): the process's exit tears the group down, and torchrun stops the other ranks."""
+    global _objects_group
     if is_dist() and wait:
         dist.barrier()
-        dist.destroy_process_group()
+        dist.destroy_process_group()                # every group, the objects group too
+        _objects_group = None

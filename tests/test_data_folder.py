@@ -276,3 +276,45 @@ def test_dali_failure_without_a_changed_file_says_so(tmp_path):
     with pytest.raises(RuntimeError, match="no image changed since the scan is unreadable.*nvImageCodec"):
         for _ in range(N_DAMAGE // 4):
             next(loader)
+
+
+# ----------------------------------------------------------------------------- one rank fails in the shared scan
+def _scan_on_two_ranks(rank, world, init_file, src, out_dir, failing):
+    """Rank `rank` scans the folder with the others; on rank 1, `failing` ("listing" or "checking")
+    raises first. Writes this rank's outcome: "ok" or the exception's type and line."""
+    import torch.distributed as dist
+
+    from pmf_fast.data import check, folder
+    os.environ["PMF_CACHE"] = os.path.join(out_dir, f"cache{rank}")
+    if rank == 1 and failing == "listing":
+        folder.scan_folder = lambda root: (_ for _ in ()).throw(ValueError(f"{root} is not mounted on this node"))
+    if rank == 1 and failing == "checking":
+        check._check_files = lambda files, workers: (_ for _ in ()).throw(RuntimeError("a scan worker was killed"))
+    # a short timeout: a rank left waiting fails the test within a minute instead of hanging it
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        folder.usable_images(src, workers=1)
+        outcome = "ok"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("failing", ["listing", "checking"])
+def test_a_rank_failing_in_the_shared_scan_stops_every_rank(tmp_path, failing):
+    """The folder scan gathers over the ranks; a rank that fails before a gather (its folder missing,
+    its worker pool broken) stops the others with its line, none waiting in the gather."""
+    import torch.multiprocessing as mp
+
+    from tests.photos import photo_folder
+    src = photo_folder(tmp_path / "src", per_class=2, seed=int(np.random.default_rng(0).integers(100)))
+    mp.start_processes(_scan_on_two_ranks, args=(2, str(tmp_path / "init"), str(src), str(tmp_path), failing),
+                       nprocs=2, start_method="fork")
+    own, other = (json.load(open(tmp_path / f"rank{r}.json")) for r in (1, 0))
+    what = "listing" if failing == "listing" else "checking the images"
+    line = "is not mounted on this node" if failing == "listing" else "a scan worker was killed"
+    assert own.endswith(line) and not own.startswith("RankFailed"), own
+    assert other.startswith("RankFailed: rank 1 on ") and what in other and other.endswith(line), other

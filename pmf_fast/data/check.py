@@ -22,10 +22,11 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
-import torch.distributed as dist
+import torch.distributed as tdist
 from PIL import Image
 
 from ..atomic import atomic_write
+from ..dist import agreed, all_gather_objects, is_dist
 
 PR_SET_PDEATHSIG = 1                       # linux/prctl.h: a signal for this process when its parent exits
 SUPPORTED = {"JPEG", "PNG", "BMP", "PPM", "TIFF", "WEBP"}
@@ -168,29 +169,25 @@ def scan_images(files, workers=None, cache=True):
     Under torch.distributed the scan is shared out: each rank checks every world-th file, the
     results are gathered (all_gather_object) and rank 0 writes the cache, so N ranks decode each
     file once, not N times. The cache is used only when every rank has it (the ranks agree), since
-    a node-local cache directory may hold it on some nodes and not on others."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    path = _cache_path(files)
-    out = _read_cache(path) if cache else None
-    if world > 1:
-        have = [None] * world
-        dist.all_gather_object(have, out is not None)
-        out = out if all(have) else None
+    a node-local cache directory may hold it on some nodes and not on others.
+    What can fail on one rank alone (a file gone before its stat, a broken worker pool) runs in an
+    `agreed` block before each gather, so every rank stops with that rank's line (pmf_fast/dist.py)."""
+    rank, world = (tdist.get_rank(), tdist.get_world_size()) if is_dist() else (0, 1)
+    with agreed("reading the image scan cache"):
+        path = _cache_path(files)
+        out = _read_cache(path) if cache else None
+    out = out if all(all_gather_objects(out is not None)) else None
     if out is not None:
         return out
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))   # ranks sharing this host's cores
     workers = workers or max(1, min(16, (os.cpu_count() or 1) // local_world))
     mine = files[rank::world]
-    results = _check_files(mine, workers)
-    parts = [{"bad": {f: r for f, (r, _) in zip(mine, results) if r},
-              "converted": {f: n for f, (r, n) in zip(mine, results) if n and not r}}]
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, parts[0])
-        parts = gathered
+    with agreed("checking the images"):
+        results = _check_files(mine, workers)
+    parts = all_gather_objects({"bad": {f: r for f, (r, _) in zip(mine, results) if r},
+                                "converted": {f: n for f, (r, n) in zip(mine, results) if n and not r}})
     out = {k: dict(sorted((f, v) for p in parts for f, v in p[k].items())) for k in ("bad", "converted")}
-    if cache and rank == 0:
-        _write_cache(path, out)
-    if world > 1:
-        dist.barrier()                         # the cache is written before any rank looks for it again
+    with agreed("writing the image scan cache"):   # also the wait: the cache is written before any rank reads it
+        if cache and rank == 0:
+            _write_cache(path, out)
     return out

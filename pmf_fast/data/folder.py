@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..dist import agreed
 from .check import load_rgb, scan_images
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -60,7 +61,8 @@ def scan_folder(root, all_files=False, unreadable=None):
 def usable_images(root, workers=None):
     """(files, labels, classes, report) with the unusable files (pmf_fast/data/check.py) left out;
     report is a one-line summary for the training log."""
-    files, labels, classes = scan_folder(root)
+    with agreed(f"listing {root}"):             # e.g. the folder missing on one node: before the scan's gathers
+        files, labels, classes = scan_folder(root)
     scan = scan_images(files, workers)
     keep = [i for i, f in enumerate(files) if f not in scan["bad"]]
     if not keep:
