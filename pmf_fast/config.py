@@ -79,15 +79,18 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    data: str = "imagenet"         # an ImageFolder directory, or "digits" (scikit-learn, bundled)
+    data: str = "imagenet"         # a prepared dataset (`python -m pmf_fast.data prepare SRC DST`: memory-mapped
+                                   # shards, no decoding), an ImageFolder directory (decoded every epoch), or
+                                   # "digits" (scikit-learn, bundled); docs/data.md
     batch_size: int = 1024         # global batch, split evenly over ranks
     epochs: int = 320              # passes over the data (ignored when steps > 0)
     steps: int = 0                 # total optimizer steps; 0 = derive from epochs
     time_budget_s: float = 0.0     # stop after this many seconds of training (0 = no limit)
     ema_halflives_kimg: tuple = (500, 1000, 2000)  # EDM-style EMAs kept at once (official configs)
     seed: int = 42                 # base seed; rank r uses seed + r for its draws
-    num_workers: int = 8           # data loader workers (PIL) or decoder threads (DALI) per rank
-    loader: Literal["auto", "dali", "pil"] = "auto"  # DALI decodes JPEGs on the GPU; auto = DALI when installed
+    num_workers: int = 8           # per rank: a folder's PIL DataLoader workers (0 = in the training process) or
+                                   # DALI's pipeline threads; a prepared dataset's gather threads (at least 1)
+    loader: Literal["auto", "dali", "pil"] = "auto"  # a folder's decoder: DALI (GPU) or PIL; auto = DALI if installed
     flip: bool = False             # random horizontal flips (off in the official recipe)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     impl: Literal["auto", "fast", "eager", "reference"] = "auto"  # the step (docs/kernels.md); auto = fast on CUDA
@@ -109,7 +112,8 @@ class TrainConfig:
     ckpt_every: int = 5000         # steps between checkpoints (and one at the end)
     eval_every: int = 0            # steps between FID evaluations of the sampling EMA (0 = off)
     eval_samples: int = 10000      # samples per periodic FID (logged as fid_10k)
-    fid_ref: str = ""              # ADM reference batch .npz or image folder; needs the Inception weights
+    fid_ref: str = ""              # ADM reference batch .npz, a prepared dataset (its statistics cached in it when
+                                   # writable) or an image folder; needs the Inception weights (docs/sampling.md)
     out_dir: str = "runs"          # run directories are made under this folder
 
 
