@@ -34,9 +34,11 @@ class Stopper:
     """Every decision to stop, agreed by all ranks: SIGTERM / SIGINT, the time budget, a non-finite
     loss, and rank 0's run lock lost to another run (that stop writes nothing more in the directory).
     With train.nonfinite=stop a non-finite loss is noted on the device (no sync) and found at the next
-    check; with skip, all ranks agree every step whether to drop the update. Checks run every
-    train.stop_check_every steps and on log and checkpoint steps (so before every log line and
-    checkpoint): one small all-reduce each, which with the log steps' reads is all a step syncs."""
+    check; with skip, all ranks agree every step whether to drop the update (a sync per step). Checks
+    run every train.stop_check_every steps and on log, checkpoint, sample and FID steps (so before anything
+    is written): one small all-reduce and host sync each, not one per step. The step's other host
+    reads are the log steps' values and, with perceptual terms, the kept-sample mask
+    (perceptual.start_host_copy: read while the forward runs)."""
 
     def __init__(self, tc, state, device, log, lock=None):
         self.tc, self.state, self.device, self.log, self.lock = tc, state, device, log, lock   # lock: rank 0's
