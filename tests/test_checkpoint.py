@@ -136,6 +136,7 @@ def test_full_disk_keeps_previous_checkpoints(tmp_path, monkeypatch):
     run = str(tmp_path)
     for step in (1, 2):
         save_checkpoint(run, step, state(step))
+    before = {f: open(os.path.join(run, f), "rb").read() for f in os.listdir(run)}
     real_save = torch.save
 
     def full(obj, f):                               # a disk that fills after some bytes are written
@@ -147,6 +148,7 @@ def test_full_disk_keeps_previous_checkpoints(tmp_path, monkeypatch):
         save_checkpoint(run, 3, state(3))
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(os.listdir(run)) == ["ckpt_00000001.pt", "ckpt_00000002.pt"]      # none deleted, no temporary
+    assert before == {f: open(os.path.join(run, f), "rb").read() for f in before}     # nor changed, byte for byte
     assert load_latest(run, log=print)[0]["step"] == 2
 
 
