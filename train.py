@@ -176,9 +176,11 @@ def main(argv=None):
             stopper.close()
         if log is not None:
             log.close()
-        dist.cleanup(wait=ended)
-        run.close()                                  # after every rank is done (the barrier): then the lock goes
-        torch.set_num_threads(threads)
+        try:
+            dist.cleanup(wait=ended)
+        finally:
+            run.close()                              # after every rank is done (the barrier): then the lock goes
+            torch.set_num_threads(threads)
 
 
 def end_of_run(stopper, state, sampling, log):
