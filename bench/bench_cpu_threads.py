@@ -14,7 +14,8 @@ cases are interleaved: ROUNDS rounds of (idle: every case for SECONDS, then the 
 loop), and a case's rate is its steps over its seconds summed over the rounds. Each row's baseline is
 `today` under the same load. Targets: under load >= half today's idle rate, idle no slower than today.
 Runs with --full or when PMF_THREADS_BENCH_S (seconds per case, default 2) is set;
-PMF_THREADS_BENCH_ROUNDS (default 1) rounds. bench/README.md says what the recorded runs took.
+PMF_THREADS_BENCH_ROUNDS (default 1) rounds. bench/README.md says how long the full run takes;
+bench/results/2026-12-01_cpu_threads.md holds the recorded runs.
 """
 import json
 import os

@@ -1,15 +1,14 @@
 """The intra-op thread count of a CPU training step, chosen by timing the loop's own steps, re-checked.
 
-On a 2-core machine torch's default (one OpenMP thread per core) collapses when another process keeps
-a core busy: after every parallel region the threads meet at a barrier, and the one that arrives first
-spins on a core the other needs (`python train.py`: 46 steps in 570 s beside a one-core busy loop,
-640-872 idle). One thread has no barrier. torch.set_num_threads works at run time; OpenMP's wait policy
-does not (it is read when torch loads OpenMP). bench/bench_cpu_threads.py, five runs on 2 shared
-cores (bench/README.md): beside a busy loop today's setting made 0.15-0.38x its idle rate, one thread
-0.62-1.5x today's idle rate, and the tuner chose one thread there in every trial (2-thread steps
-5.6-9.6 s against 0.9-1.7 s); on a quiet moment its trial found 2 threads faster (658 against 921 ms),
-which it then keeps. OMP_WAIT_POLICY=PASSIVE also helped under load but ranged from 0.79x to 1.8x
-today idle, and must be set before `import torch`: not used here.
+Why: with torch's default (one OpenMP thread per core) the threads meet at a barrier after every
+parallel region, and the one that arrives first spins on a core the other needs, so the step
+collapses when another process keeps a core busy; one thread has no barrier, but idle it can be the
+slower count. Measured on 2 cores (bench/bench_cpu_threads.py, bench/results/2026-12-01_cpu_threads.md):
+beside a one-core busy loop `python train.py` made 46 steps in 570 s at two threads (640-872 idle)
+and one thread kept 0.62x of the default's idle rate; idle, two threads took 609 ms a step and one
+951 ms. So the count is timed, not fixed. torch.set_num_threads works at run time; OpenMP's wait
+policy does not (it is read when torch loads OpenMP): OMP_WAIT_POLICY=PASSIVE, 15% slower idle in
+that bench, is not used here.
 
 In train.py: `tuner = cpu_threads(train.cpu_threads, device, log)` before the loop (a tuner for 0 on a
 CPU of several cores without OMP_NUM_THREADS, else None), `tuner.step()` after each optimizer step and
