@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from pmf_fast.config import PRESETS, Config, ConfigError, get_config, save_config
+from pmf_fast.config import PRESETS, Config, ConfigError, config_diff, get_config, save_config
 from pmf_fast.model import PMFDiT, num_params
 
 # paper Tab. 5-7 eval parameter counts (M), without the aux v-head
@@ -166,3 +166,11 @@ def test_every_choice_field_is_checked():
             get_config("pMF-B/16", [f"{section}.{name}=bogus"])
         ok = get_config("pMF-B/16", [f"{section}.{name}={choices[-1]}"])
         assert getattr(getattr(ok, section), name) == choices[-1]
+
+
+def test_config_diff_names_each_changed_field():
+    a = get_config("pMF-XS/4-test").to_dict()
+    b = get_config("pMF-XS/4-test", ["model.depth=5", "train.steps=9", "train.ema_halflives_kimg=(1, 2)"]).to_dict()
+    diff = {k: (x, y) for k, x, y in config_diff(a, b)}
+    assert diff == {"model.depth": (3, 5), "train.steps": (4, 9), "train.ema_halflives_kimg": ((2.0, 8.0), (1, 2))}
+    assert config_diff(a, a) == []

@@ -1,13 +1,14 @@
 import copy
 import io
+import math
 
 import pytest
 import torch
 from pmf_fast.kernels.newton_schulz import newton_schulz_ref
 
-from pmf_fast.config import get_config
+from pmf_fast.config import OptimConfig, get_config
 from pmf_fast.model import PMFDiT
-from pmf_fast.optimizers import Muon, NAdamW, Optimizers, build_optimizers, split_params
+from pmf_fast.optimizers import Muon, NAdamW, Optimizers, build_optimizers, lr_factor, split_params
 from tests.helpers import assert_close_by_rule
 
 NOTICE = "resumes from a torch.optim.AdamW state"
@@ -253,3 +254,15 @@ def test_container_steps_zeroes_and_sets_the_lr_of_every_optimizer():
     from torch.distributed.checkpoint.state_dict import get_state_dict
     _, osd = get_state_dict(model, opts)
     assert len(osd["param_groups"]) == 2 and len(osd["state"]) == len(list(model.parameters()))
+
+
+def test_lr_schedule():
+    const = OptimConfig()
+    assert [lr_factor(const, s, p) for s, p in ((0, 0.0), (10, 0.5), (99, 1.0))] == [1.0, 1.0, 1.0]   # official
+    warm = OptimConfig(warmup_steps=10)
+    assert lr_factor(warm, 0, 0.0) == 0.0 and lr_factor(warm, 5, 0.0) == 0.5 and lr_factor(warm, 50, 0.9) == 1.0
+    cos = OptimConfig(decay="cosine", min_lr_ratio=0.1)
+    assert lr_factor(cos, 0, 0.0) == pytest.approx(1.0) and lr_factor(cos, 0, 1.0) == pytest.approx(0.1)
+    assert lr_factor(cos, 0, 0.5) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(cos, 0, 0.25) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(cos, 0, 1.7) == pytest.approx(0.1)                  # past the planned end: the floor
