@@ -130,7 +130,8 @@ class SampleConfig:
 
 @dataclass
 class Config:
-    preset: str = "pMF-B/16"
+    preset: str = "pMF-B/16"       # the PRESETS name it was built from (get_config; "custom" in from_dict without one)
+    # the sections, one dataclass each (above), addressed on the command line as section.field=value
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
