@@ -1,5 +1,5 @@
 """Steps/s of the default CPU run's training step (pMF-T/4-digits: data, loss, backward, Muon +
-AdamW, EMAs; eager, fp32), idle and beside a one-core busy loop, for each way of setting the
+NAdamW, EMAs; eager, fp32), idle and beside a one-core busy loop, for each way of setting the
 threads, in one run (pmf_fast/threads.py says why the default collapses under load):
 
     today           torch's default: one intra-op thread per core

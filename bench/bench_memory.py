@@ -99,7 +99,7 @@ GPU_GIB = 80
 
 def state_bytes(preset):
     """Bytes per GPU of the training state on one rank: fp32 parameters and gradients, Muon's fp32
-    momentum or AdamW's two fp32 moments, and the fp32 EMAs (3 in the paper presets)."""
+    momentum or the NAdamW group's two fp32 moments, and the fp32 EMAs (3 in the paper presets)."""
     from pmf_fast.optimizers import split_params
     cfg = get_config(preset)
     with torch.device("meta"):

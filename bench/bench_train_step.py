@@ -1,4 +1,4 @@
-"""The whole training step (targets, JVP, loss, backward, Muon + AdamW), one row per way of running
+"""The whole training step (targets, JVP, loss, backward, Muon + NAdamW), one row per way of running
 it, each written as soon as it is measured. bf16 autocast, 256 px, 1 GPU, perceptual losses off
 unless the row says so.
 
