@@ -1,6 +1,6 @@
-"""Compile time of the first training step: the old approach (torch.compile of the whole pmf_loss)
-against regional compilation (pmf_fast/dist.py compile_blocks: one graph per block mode, shared by
-every block), at two depths, so the rows show how each grows with depth.
+"""Compile time of the first training step: torch.compile of the whole pmf_loss against regional
+compilation (pmf_fast/dist.py compile_blocks: one graph per block mode, shared by every block), at
+two depths, so the rows show how each grows with depth.
 
 One step: pmf_loss with explicit tangents (x_dot through every block's module call) plus backward,
 pMF-B/16 shapes at batch 2 with model.depth overridden (aux_head_depth kept <= depth).
