@@ -1,4 +1,5 @@
-"""Layers of the pMF DiT. Each has `forward(x)` and `jvp(x, x_dot) -> (y, y_dot)`.
+"""Layers of the pMF DiT. Each layer the tangent passes through has `forward(x)` and
+`jvp(x, x_dot) -> (y, y_dot)`; LabelEmbedder has only forward (class labels carry no tangent).
 
 forward: the primal with autograd; the reference path runs torch.func.jvp over it.
 jvp:     the same primal with autograd, plus the tangent computed by hand from the primal's
@@ -8,7 +9,7 @@ The transformer block (what DDP, FSDP2, activation checkpointing and torch.compi
 tangent through its module call instead: `block(x, rope, x_dot)` returns (y, y_dot), so every hook
 on `__call__` sees every use of every parameter.
 impl:    "eager" (plain PyTorch) or "fast" (model.set_impl("fast")): routes the tangent path and the
-         primal-only attention to the Triton kernels (kernels/): Linear runs [x; x_dot] through one
+         primal-only attention to the Triton kernels (pmf_fast.kernels): Linear runs [x; x_dot] through one
          GEMM and saves only x, attention returns (o, o_dot) in one pass, the patch embedding takes
          both images in one launch. Same parameters and state dict either way. ("reference" runs
          these modules as "eager": it differs only in how the loss takes the JVP, meanflow.py.)
