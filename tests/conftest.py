@@ -33,3 +33,24 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def sample_ckpt(tmp_path_factory):
+    """A checkpoint of the tiny test preset with the entries of train.py's that sample.py reads
+    (config, model, EMAs; written by save_checkpoint, train.py's writer), seeded, with the
+    zero-initialised gates and final layers randomised (wake_up) so that every weight shapes the
+    samples. Built, not trained: train.main's two steps take ~18 s on 2 CPU cores, and sampling needs
+    no trained weights (tests/test_sample_cli.py, tests/test_eval.py). Tests only read it."""
+    from pmf_fast.checkpoint import save_checkpoint
+    from pmf_fast.config import get_config
+    from pmf_fast.ema import EMAs
+    from pmf_fast.model import PMFDiT
+    from pmf_fast.selftest import wake_up
+    cfg = get_config("pMF-XS/4-test")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = wake_up(PMFDiT(cfg.model, t_eps=cfg.objective.t_eps))
+    emas = EMAs(model, cfg.train.ema_halflives_kimg, cfg.train.batch_size)
+    return save_checkpoint(str(tmp_path_factory.mktemp("sample_ckpt")), 1, {
+        "model": model.state_dict(), "emas": emas.state_dict(), "config": cfg.to_dict()})
