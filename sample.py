@@ -13,7 +13,8 @@ without repeating or losing a sample. Guidance (omega, interval), step count and
 checkpoint's config (the paper's recommended values for the official presets); values given on the
 command line are checked like any config (pmf_fast.config.validate). Bad input (a missing or
 unreadable --ckpt, an --out that cannot be written, a refused setting) stops with a one-line error
-before any sampling.
+before any sampling; under torchrun every rank stops, those that did not fail with the failing rank's
+line. An error of this code itself keeps its traceback.
 """
 import argparse
 import json
@@ -34,7 +35,8 @@ from pmf_fast.sampling import load_for_sampling, row_labels, sample_images, save
 
 
 class OutputError(OSError):
-    """--out cannot be written: the message names the path and the reason."""
+    """--out cannot be written (or its .parts folder holds another run): the message names the path,
+    the reason and the remedy."""
 
 
 def save_npz_atomic(path, **arrays):
@@ -62,15 +64,10 @@ def check_output(out):
 
 
 def load_model(a, device):
-    """(model, cfg) from --ckpt with the sample settings given on the command line, validated."""
-    try:
-        model, cfg = load_for_sampling(a.ckpt, a.preset, a.ema, device)
-    except (CheckpointError, ConfigError):
-        raise
-    except (ValueError, KeyError, RuntimeError, AttributeError, TypeError) as e:
-        # not ours and no (or the wrong) preset, no such EMA, weights that do not fit their config
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot sample from {a.ckpt!r}: {why}") from None
+    """(model, cfg) from --ckpt with the sample settings given on the command line, validated. A file
+    that cannot be sampled from raises CheckpointError (load_for_sampling), a refused setting
+    ConfigError; any other error is a bug and keeps its traceback."""
+    model, cfg = load_for_sampling(a.ckpt, a.preset, a.ema, device)
     if a.preset is not None:                   # ours carry their config: a --preset must agree with it
         own = {"model": cfg.to_dict()["model"]}
         diff = config_diff(own, {"model": get_config(a.preset).to_dict()["model"]})
@@ -85,7 +82,7 @@ def load_model(a, device):
     return model, cfg
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="our ckpt_<step>.pt, or an official file such as pMF-B-16.pt")
     p.add_argument("--preset", default=None, help="preset of an official file, e.g. pMF-B/16")
@@ -106,64 +103,107 @@ def main(argv=None):
     for name in ("num_samples", "classes", "per_row", "batch"):
         if getattr(a, name) is not None and getattr(a, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    check_output(a.out)
+    if a.ema not in ("auto", "raw"):
+        try:
+            float(a.ema)
+        except ValueError:
+            p.error(f"--ema {a.ema!r}: expected auto, raw or an EMA half-life in kimg (e.g. --ema 50)")
+    return a
 
+
+def main(argv=None):
+    """Check the arguments, load the model on every rank, then write a grid or an .npz. Every step
+    that can fail on one rank alone is agreed (pmf_fast.dist.agreed): all ranks stop together, the
+    failing one with its own error, the others with RankFailed naming it, none left waiting in a
+    later collective."""
+    a = parse_args(argv)
+    check_output(a.out)
     rank, world, _, device = dist.setup()
     device = torch.device(a.device) if a.device else device
-    model, cfg = load_model(a, device)
-    k = a.classes or cfg.model.num_classes
-    npz = a.out.endswith(".npz")
-    n = a.num_samples or (50000 if npz else k * a.per_row)
-    labels = (torch.arange(n) // (1 if npz else a.per_row)) % k
-    seeds = a.seed * 1_000_000_000 + torch.arange(n)
-    settings = {"ckpt": os.path.abspath(a.ckpt), "n": n, "classes": k, "seed": a.seed, "batch": a.batch,
-                "ema": a.ema, "omega": cfg.sample.omega, "t_min": cfg.sample.t_min, "t_max": cfg.sample.t_max,
-                "num_steps": cfg.sample.num_steps}
+    with dist.agreed("loading the checkpoint"):
+        model, cfg = load_model(a, device)
+    if a.out.endswith(".npz"):
+        write_npz(a, model, cfg, rank, world, device)
+    else:
+        write_grid(a, model, cfg, rank, device)
+    dist.cleanup()
 
-    if not npz:                                                   # a grid: small, rank 0 alone
+
+def write_grid(a, model, cfg, rank, device):
+    """A .png grid, --per-row images a row, one class a row: small, drawn by rank 0 alone."""
+    k = a.classes or cfg.model.num_classes
+    n = a.num_samples or k * a.per_row
+    labels = (torch.arange(n) // a.per_row) % k
+    seeds = a.seed * 1_000_000_000 + torch.arange(n)
+    with dist.agreed(f"writing {a.out}"):
         if rank == 0:
             images = torch.cat([sample_images(model, cfg, labels[i:i + a.batch].to(device), seeds[i:i + a.batch]).cpu()
                                 for i in range(0, n, a.batch)])
             save_grid(images, a.out, nrow=a.per_row, labels=row_labels(labels, a.per_row))
             print(f"wrote {n} samples to {a.out}")
-        dist.cleanup()
-        return
 
+
+def open_parts(parts, settings):
+    """Make (or resume) the folder of finished batches: a settings.json that differs from this run's
+    is refused, the temporaries of a killed run are removed."""
+    os.makedirs(parts, exist_ok=True)
+    clean_temporaries(parts)                                      # chunks half-written by a killed run
+    meta = os.path.join(parts, "settings.json")
+    if not os.path.exists(meta):
+        atomic_write(meta, lambda f: json.dump(settings, f), mode="w")
+        return
+    try:
+        with open(meta) as f:
+            old = json.load(f)
+    except ValueError as e:
+        raise OutputError(f"{meta} is not readable JSON ({e}): delete {parts} to start over") from None
+    if old != settings:
+        raise OutputError(f"{parts} holds an interrupted run with other settings ({old}); "
+                          "delete it or rerun with the same arguments to resume")
+
+
+def write_npz(a, model, cfg, rank, world, device):
+    """The ADM layout (arr_0 uint8 [N, H, W, C], arr_1 labels), N 50,000 by default with the labels
+    cycling through the classes. The batches are shared out over the ranks (batch c on rank c mod
+    world); each finished one is kept in <out>.parts/, so the same command resumes an interrupted
+    run; rank 0 writes <out> from them at the end and removes the folder."""
+    k = a.classes or cfg.model.num_classes
+    n = a.num_samples or 50000
+    labels = torch.arange(n) % k
+    seeds = a.seed * 1_000_000_000 + torch.arange(n)
+    settings = {"ckpt": os.path.abspath(a.ckpt), "n": n, "classes": k, "seed": a.seed, "batch": a.batch,
+                "ema": a.ema, "omega": cfg.sample.omega, "t_min": cfg.sample.t_min, "t_max": cfg.sample.t_max,
+                "num_steps": cfg.sample.num_steps}
     parts = a.out + ".parts"
-    if rank == 0:
-        os.makedirs(parts, exist_ok=True)
-        clean_temporaries(parts)                                  # chunks half-written by a killed run
-        meta = os.path.join(parts, "settings.json")
-        if os.path.exists(meta):
-            old = json.load(open(meta))
-            if old != settings:
-                raise SystemExit(f"{parts} holds an interrupted run with other settings ({old}); "
-                                 "delete it or rerun with the same arguments to resume")
-        else:
-            atomic_write(meta, lambda f: json.dump(settings, f), mode="w")
-    dist.barrier()
-    chunks = list(range(rank, (n + a.batch - 1) // a.batch, world))
-    todo = [c for c in chunks if not os.path.exists(os.path.join(parts, f"chunk_{c:07d}.npz"))]
-    bar = None
-    if rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=len(chunks), initial=len(chunks) - len(todo), desc=f"sampling (rank 0 of {world})")
-    for c in todo:
-        idx = torch.arange(c * a.batch, min(n, (c + 1) * a.batch))
-        images = sample_images(model, cfg, labels[idx].to(device), seeds[idx])
-        save_npz_atomic(os.path.join(parts, f"chunk_{c:07d}.npz"), images=to_uint8(images).cpu().numpy(),
-                        labels=labels[idx].numpy())
-        if bar is not None:
-            bar.update(1)
-    dist.barrier()
-    if rank == 0:
-        arrays = [np.load(os.path.join(parts, f"chunk_{c:07d}.npz")) for c in range((n + a.batch - 1) // a.batch)]
-        save_npz_atomic(a.out, arr_0=np.concatenate([z["images"] for z in arrays]),
-                        arr_1=np.concatenate([z["labels"] for z in arrays]))
-        shutil.rmtree(parts)
-        print(f"wrote {n} samples to {a.out} (omega {cfg.sample.omega}, interval [{cfg.sample.t_min}, "
-              f"{cfg.sample.t_max}], {cfg.sample.num_steps} step(s), {world} rank(s))")
-    dist.cleanup()
+    num_chunks = (n + a.batch - 1) // a.batch
+
+    def chunk(c):
+        return os.path.join(parts, f"chunk_{c:07d}.npz")
+
+    with dist.agreed(f"opening {parts}"):
+        if rank == 0:
+            open_parts(parts, settings)
+    mine = range(rank, num_chunks, world)
+    todo = [c for c in mine if not os.path.exists(chunk(c))]
+    with dist.agreed("sampling"):
+        bar = None
+        if rank == 0:
+            from tqdm import tqdm
+            bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"sampling (rank 0 of {world})")
+        for c in todo:
+            idx = torch.arange(c * a.batch, min(n, (c + 1) * a.batch))
+            images = sample_images(model, cfg, labels[idx].to(device), seeds[idx])
+            save_npz_atomic(chunk(c), images=to_uint8(images).cpu().numpy(), labels=labels[idx].numpy())
+            if bar is not None:
+                bar.update(1)
+    with dist.agreed(f"writing {a.out}"):
+        if rank == 0:
+            arrays = [np.load(chunk(c)) for c in range(num_chunks)]
+            save_npz_atomic(a.out, arr_0=np.concatenate([z["images"] for z in arrays]),
+                            arr_1=np.concatenate([z["labels"] for z in arrays]))
+            shutil.rmtree(parts)
+            print(f"wrote {n} samples to {a.out} (omega {cfg.sample.omega}, interval [{cfg.sample.t_min}, "
+                  f"{cfg.sample.t_max}], {cfg.sample.num_steps} step(s), {world} rank(s))")
 
 
 def cli(argv=None):
@@ -173,6 +213,8 @@ def cli(argv=None):
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     except (CheckpointError, OSError) as e:         # bad --ckpt, unwritable --out, full disk: what and where
+        sys.exit(f"error: {e}")
+    except dist.RankFailed as e:                    # another rank's error (its own line is in its log)
         sys.exit(f"error: {e}")
 
 

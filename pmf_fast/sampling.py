@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import dist
 from .atomic import atomic_write
-from .checkpoint import load_checkpoint
-from .config import Config, get_config
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import Config, ConfigError, get_config
 from .eval import extract, fid, stats
 from .meanflow import generate, to_uint8
 from .model import PMFDiT, load_official_state_dict
@@ -115,28 +115,76 @@ def save_grid(images, path, nrow, labels=None, scale=None, min_width=GRID_MIN_WI
     return {"scale": scale, "left": left, "pitch": (ch + gap, cw + gap), "cell": (ch, cw)}
 
 
+def _cannot(path, why):
+    """The CheckpointError of a file that cannot be sampled from, in one line (torch's messages span several)."""
+    why = " ".join(str(why).split())
+    return CheckpointError(f"cannot sample from {path!r}: {why[:400]}{' ...' if len(why) > 400 else ''}")
+
+
+def _load_weights(path, load):
+    """load() (a load_state_dict): the errors of weights that do not fit their model (torch's
+    "Error(s) in loading state_dict", our name map's ValueError) become one line naming `path`;
+    any other error (a bug, or CUDA's) keeps its type."""
+    try:
+        return load()
+    except RuntimeError as e:
+        if not str(e).startswith("Error(s) in loading state_dict"):
+            raise
+        raise _cannot(path, e) from None
+    except ValueError as e:                     # load_official_state_dict: missing or unexpected names
+        raise _cannot(path, e) from None
+
+
+def _is_state_dict(d):
+    return isinstance(d, dict) and all(isinstance(k, str) for k in d)
+
+
 def load_for_sampling(path, preset=None, ema="auto", device="cpu"):
     """(model, cfg) from one of our checkpoints (its config and the chosen EMA) or from an official
-    release file such as pMF-B-16.pt (give its preset, e.g. pMF-B/16)."""
+    release file such as pMF-B-16.pt (give its preset, e.g. pMF-B/16). A file that cannot be sampled
+    from (unreadable, not a checkpoint, weights or EMAs that do not fit its config, no such EMA)
+    raises CheckpointError, one line naming the file; an unknown preset raises ConfigError. Nothing
+    else is caught: an error of this code keeps its type and traceback. The weights are loaded on
+    the CPU, then moved to `device`."""
     state = load_checkpoint(path)
     if isinstance(state, dict) and "config" in state and "model" in state:        # ours
-        cfg = Config.from_dict(state["config"])
+        d = state["config"]
+        if not isinstance(d, dict) or not all(isinstance(v, dict) for k, v in d.items() if k != "preset"):
+            raise _cannot(path, "its config is not a dict of sections")
+        try:
+            cfg = Config.from_dict(d)
+        except ConfigError as e:                # a field this version does not know, or a bad value
+            raise _cannot(path, f"its config: {e}") from None
+        if not _is_state_dict(state["model"]):
+            raise _cannot(path, "its 'model' is not a state dict")
         model = PMFDiT(cfg.model, t_eps=cfg.objective.t_eps)
-        model.load_state_dict(state["model"])
+        _load_weights(path, lambda: model.load_state_dict(state["model"]))
         choice = ema if ema != "auto" else cfg.sample.ema
         if choice != "raw":
             from .ema import EMAs
+            kept = state.get("emas")
+            if not isinstance(kept, dict) or not all(_is_state_dict(v) for v in kept.values()):
+                raise _cannot(path, "it holds no EMA weights (pass --ema raw for the raw weights)")
             emas = EMAs(model, cfg.train.ema_halflives_kimg, cfg.train.batch_size)
-            emas.load_state_dict(state["emas"])
-            model = emas.copy_into(model, pick_ema(emas, choice))
+            try:
+                emas.load_state_dict(kept)
+            except (ValueError, KeyError, RuntimeError) as e:     # other EMAs, a missing or misshapen tensor
+                raise _cannot(path, f"its EMAs do not fit its config ({type(e).__name__}: {e})") from None
+            try:
+                key = pick_ema(emas, choice)
+            except ValueError as e:             # no EMA of that half-life in this file
+                raise _cannot(path, e) from None
+            model = emas.copy_into(model, key)
         return model.to(device).eval(), cfg
+    if not _is_state_dict(state):
+        raise _cannot(path, f"it holds a {type(state).__name__}, neither a pmf-fast checkpoint nor a state dict")
     if preset is None:
-        raise ValueError(f"{path} is not a pmf-fast checkpoint; for an official release file pass its preset "
-                         "(e.g. --preset pMF-B/16)")
+        raise _cannot(path, "not a pmf-fast checkpoint; for an official release file pass its preset "
+                            "(e.g. --preset pMF-B/16)")
     cfg = get_config(preset)
     model = PMFDiT(cfg.model, aux_head=any(k.startswith(("v_heads", "net.v_heads")) for k in state),
                    t_eps=cfg.objective.t_eps)
-    load_official_state_dict(model, state, source=path)
+    _load_weights(path, lambda: load_official_state_dict(model, state, source=path))
     return model.to(device).eval(), cfg
 
 
@@ -161,7 +209,7 @@ def fid_of_model(model, cfg, num, extractor, ref_stats, device, rank=0, world=1,
 @functools.lru_cache(maxsize=2)
 def digits_judge(image_size):
     """(judge, held-out labels) for digits at this size. The judge is deterministic (a fixed split
-    and seed), so a process trains it once: 4 s a run on a 2-core CPU, paid by every test run."""
+    and seed), so a process trains it once (about 4 s on 2 CPU cores) and every later caller reuses it."""
     from .data.digits import load_digits_split
     from .judge import DigitsJudge
     (x_tr, y_tr), (x_te, y_te) = load_digits_split(image_size)

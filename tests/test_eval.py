@@ -98,19 +98,11 @@ def test_missing_files_name_what_where_and_source(tmp_path, monkeypatch):
         E.load_samples(str(tmp_path / "bad.npz"))
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    import train
-    d = tmp_path_factory.mktemp("run")
-    run = train.main(["--preset", "pMF-XS/4-test", "--name", "r", f"train.out_dir={d}", "train.steps=2"])
-    return os.path.join(run, "ckpt_00000002.pt")
-
-
 ARGS = ["--num-samples", "10", "--batch", "3", "--ema", "raw", "--device", "cpu"]
 
 
-def test_sampling_is_independent_of_batch_and_resumes(ckpt, tmp_path, monkeypatch):
-    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "a.npz"), *ARGS])
+def test_sampling_is_independent_of_batch_and_resumes(sample_ckpt, tmp_path, monkeypatch):
+    sample.main(["--ckpt", sample_ckpt, "--out", str(tmp_path / "a.npz"), *ARGS])
     full = np.load(tmp_path / "a.npz")
     assert full["arr_0"].shape == (10, 16, 16, 1) and full["arr_1"].tolist() == [i % 10 for i in range(10)]
     assert not (tmp_path / "a.npz.parts").exists()
@@ -126,26 +118,26 @@ def test_sampling_is_independent_of_batch_and_resumes(ckpt, tmp_path, monkeypatc
         return real(*args)
     monkeypatch.setattr(sample, "sample_images", flaky)
     with pytest.raises(KeyboardInterrupt):
-        sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "b.npz"), *ARGS])
+        sample.main(["--ckpt", sample_ckpt, "--out", str(tmp_path / "b.npz"), *ARGS])
     assert len(os.listdir(tmp_path / "b.npz.parts")) == 3                             # settings + 2 chunks
     monkeypatch.setattr(sample, "sample_images", real)
-    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "b.npz"), *ARGS])
+    sample.main(["--ckpt", sample_ckpt, "--out", str(tmp_path / "b.npz"), *ARGS])
     assert np.array_equal(np.load(tmp_path / "b.npz")["arr_0"], full["arr_0"])
     # other settings on top of an interrupted run are refused
     os.makedirs(tmp_path / "c.npz.parts")
     json.dump({"n": 3}, open(tmp_path / "c.npz.parts" / "settings.json", "w"))
-    with pytest.raises(SystemExit, match="other settings"):
-        sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "c.npz"), *ARGS])
+    with pytest.raises(sample.OutputError, match="other settings"):
+        sample.main(["--ckpt", sample_ckpt, "--out", str(tmp_path / "c.npz"), *ARGS])
     # another batch size gives the same images
-    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "d.npz"), "--num-samples", "10", "--batch", "4",
+    sample.main(["--ckpt", sample_ckpt, "--out", str(tmp_path / "d.npz"), "--num-samples", "10", "--batch", "4",
                  "--ema", "raw"])
     assert np.array_equal(np.load(tmp_path / "d.npz")["arr_0"], full["arr_0"])
 
 
-def test_sampling_on_two_ranks(ckpt, tmp_path):
-    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "one.npz"), *ARGS])
+def test_sampling_on_two_ranks(sample_ckpt, tmp_path):
+    sample.main(["--ckpt", sample_ckpt, "--out", str(tmp_path / "one.npz"), *ARGS])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--out", str(tmp_path / "two.npz"), *ARGS]
+           os.path.join(ROOT, "sample.py"), "--ckpt", sample_ckpt, "--out", str(tmp_path / "two.npz"), *ARGS]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -153,19 +145,19 @@ def test_sampling_on_two_ranks(ckpt, tmp_path):
     assert np.array_equal(two["arr_0"], one["arr_0"]) and np.array_equal(two["arr_1"], one["arr_1"])
 
 
-def test_official_layout_generates_identically(ckpt, tmp_path):
-    state = torch.load(ckpt, weights_only=False)["model"]
+def test_official_layout_generates_identically(sample_ckpt, tmp_path):
+    state = torch.load(sample_ckpt, weights_only=False)["model"]
     official = {k: v for k, v in ours_to_official(state).items() if ".v_heads." not in k and "v_final" not in k}
     torch.save(official, tmp_path / "official.pt")
-    sample.main(["--ckpt", ckpt, "--out", str(tmp_path / "ours.npz"), *ARGS])
+    sample.main(["--ckpt", sample_ckpt, "--out", str(tmp_path / "ours.npz"), *ARGS])
     sample.main(["--ckpt", str(tmp_path / "official.pt"), "--preset", "pMF-XS/4-test", "--out",
                  str(tmp_path / "theirs.npz"), *ARGS])
     assert np.array_equal(np.load(tmp_path / "ours.npz")["arr_0"], np.load(tmp_path / "theirs.npz")["arr_0"])
 
 
-def test_fid_of_model_and_the_training_notice(ckpt, tmp_path, monkeypatch, capsys):
+def test_fid_of_model_and_the_training_notice(sample_ckpt, tmp_path, monkeypatch, capsys):
     from pmf_fast.sampling import fid_of_model, load_for_sampling
-    model, cfg = load_for_sampling(ckpt, ema="raw")
+    model, cfg = load_for_sampling(sample_ckpt, ema="raw")
     ex = RandomExtractor()
     rng = np.random.default_rng(0)
     ref = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
@@ -266,7 +258,7 @@ def test_temporary_names_are_unique_per_host_and_pid(tmp_path, monkeypatch):
         b = temporary_path(path)
     monkeypatch.setattr(socket, "gethostname", lambda: "node-b.cluster")            # this host from here on
     assert a != b and a.startswith(path + ".tmp.1.") and b.endswith(".node-b.cluster")
-    for p in (a, b, path + ".tmp.999999999"):                         # the last: the old name, a dead pid here
+    for p in (a, b, path + ".tmp.999999999"):                   # the last: the pid-only form, a dead pid here
         open(p, "w").write("part")
     assert clean_temporaries(str(tmp_path)) == [path + ".tmp.999999999"]     # node-a's is not ours to remove
     assert clean_temporaries(str(tmp_path), all_hosts=True) == [a]           # node-b is this host; pid 1 lives
