@@ -37,6 +37,13 @@ ADM_REF_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref
 EXTRACTOR_NAME = "torch-fidelity InceptionV3 (2015-12-05 graph), pool3 2048-d + unbiased logits"
 
 
+def is_device_error(e):
+    """Whether `e` is the accelerator's (CUDA out of memory, a device-side assert, a launch failure),
+    not a file's: such an error is raised as it is, never reported as a bad weight file."""
+    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None)) if k)
+    return isinstance(e, kinds) or str(e).startswith("CUDA")
+
+
 def inception_path():
     home = os.environ.get("TORCH_HOME", os.path.join(os.path.expanduser("~"), ".cache", "torch"))
     return os.environ.get("PMF_INCEPTION_WEIGHTS", os.path.join(home, "hub", "checkpoints", INCEPTION_FILE))
@@ -53,12 +60,15 @@ class InceptionExtractor:
                 f"Inception weights not found at {path}. Download {INCEPTION_URL} and put it there "
                 "(or set PMF_INCEPTION_WEIGHTS to the file).")
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        try:
-            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                   feature_extractor_weights_path=path).to(device).eval()
+        try:                # built on the CPU, where what can fail is the file: torch.load, load_state_dict
+            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                              feature_extractor_weights_path=path)
         except (RuntimeError, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as e:   # cut short
+            if is_device_error(e):          # a file of CUDA tensors is loaded onto the GPU: its errors are the GPU's
+                raise
             raise ValueError(f"Inception weights {path} cannot be read ({str(e)[:120]}): download "
                              f"{INCEPTION_URL} again and put it there") from None
+        self.net = net.to(device).eval()
         self.device = device
 
     @torch.no_grad()
@@ -178,29 +188,41 @@ def prepared_reference(root, extractor, image_size=None, batch=200, keep=10000):
     return st, real
 
 
+def folder_images(ref, image_size):
+    """The images of an ImageFolder (ref/<class>/<image>) as uint8 [N, S, S, 3], decoded as training
+    decodes them (data/check.py's load_rgb, ADM center crop). An image that cannot be decoded is a
+    ValueError naming it and the checker that lists every such file."""
+    from .data.check import load_rgb
+    from .data.folder import center_crop_arr, scan_folder
+    files, _, _ = scan_folder(ref)
+    imgs = []
+    for f in files:
+        try:
+            imgs.append(center_crop_arr(load_rgb(f), image_size))
+        except (OSError, ValueError, SyntaxError) as e:          # not an image, truncated, corrupt, too large
+            why = " ".join(str(e).split())[:120] or type(e).__name__
+            raise ValueError(f"reference image {f} cannot be read ({why}): run `python -m pmf_fast.data check "
+                             f"{ref}` to list the unusable files, and move them out of {ref}") from None
+    return np.stack(imgs)
+
+
 def reference(ref, extractor, image_size=None, batch=200, features=True):
-    """(stats, features for precision/recall or None) from an ADM .npz, a prepared dataset, or a
-    folder of images. features=False skips the features of an ADM batch's 10k images (FID alone)."""
+    """(stats, features for precision/recall or None) from an ADM .npz, a prepared dataset (python -m
+    pmf_fast.data prepare), or a folder of images. features=False skips the features of an ADM batch's
+    10k images (FID alone)."""
     from .data.shards import is_prepared
     if os.path.isdir(ref) and is_prepared(ref):
         return prepared_reference(ref, extractor, image_size, batch)
     if os.path.isdir(ref):
-        from PIL import Image
-
-        from .data.folder import center_crop_arr, scan_folder
-        files, _, _ = scan_folder(ref)
         if image_size is None:
             raise ValueError("a reference folder needs the image size of the samples")
-        imgs = []
-        for f in files:
-            with Image.open(f) as im:
-                imgs.append(center_crop_arr(im.convert("RGB"), image_size))
-        pool, _ = extract(extractor, np.stack(imgs), batch)
+        pool, _ = extract(extractor, folder_images(ref, image_size), batch)
         return stats(pool), pool
     if not os.path.isfile(ref):
         size = image_size or 256
         raise FileNotFoundError(f"reference {ref!r} not found. For ImageNet {size}x{size} download "
-                                f"{ADM_REF_URL.format(size=size)} and pass its path with --ref.")
+                                f"{ADM_REF_URL.format(size=size)} and pass its path with --ref (or pass a "
+                                "prepared dataset or a folder of images).")
     size = image_size or 256
     z = read_npz(ref, ["mu", "sigma", "arr_0"], f"download the reference batch {ADM_REF_URL.format(size=size)} "
                  "again, or pass another --ref")
@@ -215,7 +237,8 @@ def reference(ref, extractor, image_size=None, batch=200, features=True):
 
 
 def evaluate(samples, ref, extractor, batch=200, progress=False):
-    """The metrics dict for uint8 NHWC samples against a reference (.npz or folder)."""
+    """The metrics dict for uint8 NHWC samples against a reference: an ADM .npz, a prepared dataset
+    or a folder of images (see reference)."""
     pool, logits = extract(extractor, samples, batch, progress)
     ref_stats, ref_feats = reference(ref, extractor, samples.shape[1], batch)
     out = {"num_samples": int(len(samples)), "fid": fid(stats(pool), ref_stats)}
@@ -230,7 +253,8 @@ def evaluate(samples, ref, extractor, batch=200, progress=False):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", help="ADM-layout .npz from sample.py")
-    p.add_argument("--ref", required=True, help="ADM reference batch .npz, or a folder of reference images")
+    p.add_argument("--ref", required=True, help="ADM reference batch .npz, a prepared dataset (python -m "
+                   "pmf_fast.data prepare), or a folder of reference images (<class>/<image>)")
     p.add_argument("--weights", default=None, help=f"Inception weights (default: {inception_path()})")
     p.add_argument("--batch", type=int, default=200)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -263,3 +263,61 @@ def test_temporary_names_are_unique_per_host_and_pid(tmp_path, monkeypatch):
     assert clean_temporaries(str(tmp_path)) == [path + ".tmp.999999999"]     # node-a's is not ours to remove
     assert clean_temporaries(str(tmp_path), all_hosts=True) == [a]           # node-b is this host; pid 1 lives
     assert os.path.exists(b)
+
+
+def test_an_unreadable_reference_image_is_one_line(tmp_path, monkeypatch):
+    """A reference folder with a file that is not an image, or one cut short, stops with one line naming
+    the file and the checker, not with PIL's traceback."""
+    import io
+
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        os.makedirs(tmp_path / "ref" / c)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "ref" / c / f"{i}.png")
+    np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    monkeypatch.setattr(E, "InceptionExtractor", lambda device, weights: RandomExtractor())
+    argv = [str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref"), "--device", "cpu",
+            "--out", str(tmp_path / "m.json")]
+    assert E.main(argv)["num_samples"] == 6                          # the folder itself is a usable reference
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+    for name, data in (("junk.png", rng.integers(0, 256, 300, dtype=np.uint8).tobytes()),
+                       ("cut.png", buf.getvalue()[: len(buf.getvalue()) // 2])):
+        bad = tmp_path / "ref" / "b" / name
+        bad.write_bytes(data)
+        msg = _eval_error(argv)
+        assert msg.startswith(f"error: reference image {bad} cannot be read") and \
+            f"python -m pmf_fast.data check {tmp_path / 'ref'}" in msg, msg
+        bad.unlink()
+
+
+def test_a_device_error_loading_the_weights_is_not_a_bad_file(tmp_path, monkeypatch):
+    """Errors of the GPU while the Inception weights load (out of memory, a device-side assert) keep
+    their type; only the file's own errors become "cannot be read"."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"present")
+
+    def raising(error):
+        def build(*args, **kwargs):
+            raise error
+        return build
+    for error in (RuntimeError("CUDA error: out of memory"), RuntimeError("CUDA error: device-side assert triggered"),
+                  torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")):
+        monkeypatch.setattr(fe, "FeatureExtractorInceptionV3", raising(error))
+        with pytest.raises(type(error)) as e:
+            E.InceptionExtractor("cpu", str(weights))
+        assert e.value is error
+
+    class OnTheCPU(torch.nn.Module):                 # builds, then runs out of memory on the way to the GPU
+        def to(self, device):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 92.00 MiB")
+    monkeypatch.setattr(fe, "FeatureExtractorInceptionV3", lambda *a, **k: OnTheCPU())
+    with pytest.raises(torch.OutOfMemoryError):
+        E.InceptionExtractor("cuda", str(weights))
+    bad_file = RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+    monkeypatch.setattr(fe, "FeatureExtractorInceptionV3", raising(bad_file))
+    with pytest.raises(ValueError, match=r"w\.pth cannot be read \(PytorchStreamReader"):
+        E.InceptionExtractor("cpu", str(weights))
