@@ -112,10 +112,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Check the arguments, load the model on every rank, then write a grid or an .npz. Every step
-    that can fail on one rank alone is agreed (pmf_fast.dist.agreed): all ranks stop together, the
-    failing one with its own error, the others with RankFailed naming it, none left waiting in a
-    later collective."""
+    """Check the arguments, load the model on every rank, then write a grid or an .npz. The steps that
+    can fail on one rank while the others go on to a collective (loading, and what rank 0 does alone)
+    are agreed (pmf_fast.dist.agreed): all ranks stop together, the failing one with its own error,
+    the others with RankFailed naming it, none left waiting in a later collective."""
     a = parse_args(argv)
     check_output(a.out)
     rank, world, _, device = dist.setup()
@@ -185,17 +185,19 @@ def write_npz(a, model, cfg, rank, world, device):
             open_parts(parts, settings)
     mine = range(rank, num_chunks, world)
     todo = [c for c in mine if not os.path.exists(chunk(c))]
-    with dist.agreed("sampling"):
-        bar = None
-        if rank == 0:
-            from tqdm import tqdm
-            bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"sampling (rank 0 of {world})")
-        for c in todo:
-            idx = torch.arange(c * a.batch, min(n, (c + 1) * a.batch))
-            images = sample_images(model, cfg, labels[idx].to(device), seeds[idx])
-            save_npz_atomic(chunk(c), images=to_uint8(images).cpu().numpy(), labels=labels[idx].numpy())
-            if bar is not None:
-                bar.update(1)
+    # not agreed: a rank that fails here leaves at once and torchrun stops the others (the finished
+    # batches stay for the resume); an agreement would keep it waiting for the others' last batches
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"sampling (rank 0 of {world})")
+    for c in todo:
+        idx = torch.arange(c * a.batch, min(n, (c + 1) * a.batch))
+        images = sample_images(model, cfg, labels[idx].to(device), seeds[idx])
+        save_npz_atomic(chunk(c), images=to_uint8(images).cpu().numpy(), labels=labels[idx].numpy())
+        if bar is not None:
+            bar.update(1)
+    dist.barrier()
     with dist.agreed(f"writing {a.out}"):
         if rank == 0:
             arrays = [np.load(chunk(c)) for c in range(num_chunks)]
