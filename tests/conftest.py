@@ -54,3 +54,12 @@ def sample_ckpt(tmp_path_factory):
     emas = EMAs(model, cfg.train.ema_halflives_kimg, cfg.train.batch_size)
     return save_checkpoint(str(tmp_path_factory.mktemp("sample_ckpt")), 1, {
         "model": model.state_dict(), "emas": emas.state_dict(), "config": cfg.to_dict()})
+
+
+@pytest.fixture(scope="session")
+def one_process_steps():
+    """helpers.train_steps on one process over the whole batch: fp64 (the reference) and fp32 (the
+    eager error), what every data-parallel run is held to (tests/test_dist.py, tests/test_multinode.py).
+    Session-wide: problem() seeds itself, and the tests only read the tensors."""
+    from tests.helpers import train_steps
+    return train_steps(0, 1, "ddp", torch.float64), train_steps(0, 1, "ddp", torch.float32)

@@ -2,13 +2,12 @@
 W x k ranks with one (the same images and draws per micro-batch, the same loss weighting), under DDP
 and FSDP2 (CPU, gloo); the gradients are reduced once a step; a resume may change the split."""
 import contextlib
+import functools
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import train
 from pmf_fast import dist as pdist
@@ -16,6 +15,7 @@ from pmf_fast.checkpoint import TrainState
 from pmf_fast.config import ConfigError, get_config
 from pmf_fast.data import ShardedBatches
 from pmf_fast.model import PMFDiT
+from tests.helpers import spawn_train, weights
 
 B = 16                                         # global batch: 4 virtual ranks of 4 images
 
@@ -25,73 +25,50 @@ def args(tmp_path, name, parallel, *overrides):
             f"train.batch_size={B}", f"train.parallel={parallel}", "train.tensorboard=false", *overrides]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def record_reductions(out_dir, rank):
+    """Set up in spawned rank `rank` before train.main (helpers.spawn_train): count the gradient
+    reductions inside each micro-batch's forward and backward (dist.gradient_sync), DDP's through a
+    comm hook, FSDP2's through its reduce-scatter calls. Returns the writer of record_<rank>.json."""
+    count, blocks = [0], []
+    real_sync, real_parallelize = pdist.gradient_sync, pdist.parallelize
 
-
-def _worker(rank, world, port, argv, record):
-    """train.main on one of `world` spawned ranks (the torchrun environment set by hand). record: count
-    the gradient reductions inside each micro-batch's forward and backward (dist.gradient_sync) into
-    record_<rank>.json: DDP through a comm hook, FSDP2 through its reduce-scatter calls."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    if record:
-        count, blocks = [0], []
-        real_sync, real_parallelize = pdist.gradient_sync, pdist.parallelize
-
-        def counted(fn):
-            def wrapper(*a, **kw):
-                count[0] += 1
-                return fn(*a, **kw)
-            return wrapper
-
-        def hook(state, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    def counted(fn):
+        def wrapper(*a, **kw):
             count[0] += 1
-            return allreduce_hook(state, bucket)
+            return fn(*a, **kw)
+        return wrapper
 
-        def parallelize(*a, **kw):
-            step_model = real_parallelize(*a, **kw)
-            if isinstance(step_model, torch.nn.parallel.DistributedDataParallel):
-                step_model.register_comm_hook(None, hook)
-            return step_model
+    def hook(state, bucket: torch.distributed.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        count[0] += 1
+        return allreduce_hook(state, bucket)
 
-        @contextlib.contextmanager
-        def gradient_sync(step_model, sync):
-            before = count[0]
-            with real_sync(step_model, sync):
-                yield
-            blocks.append([sync, count[0] - before])
+    def parallelize(*a, **kw):
+        step_model = real_parallelize(*a, **kw)
+        if isinstance(step_model, torch.nn.parallel.DistributedDataParallel):
+            step_model.register_comm_hook(None, hook)
+        return step_model
 
-        for name in ("reduce_scatter_tensor", "reduce_scatter_single", "reduce_scatter"):   # FSDP2's, by version
-            if hasattr(torch.distributed, name):
-                setattr(torch.distributed, name, counted(getattr(torch.distributed, name)))
-        pdist.parallelize, pdist.gradient_sync = parallelize, gradient_sync
-    train.main(argv)
-    if record:
-        with open(os.path.join(record, f"record_{rank}.json"), "w") as f:
+    @contextlib.contextmanager
+    def gradient_sync(step_model, sync):
+        before = count[0]
+        with real_sync(step_model, sync):
+            yield
+        blocks.append([sync, count[0] - before])
+
+    for name in ("reduce_scatter_tensor", "reduce_scatter_single", "reduce_scatter"):   # FSDP2's, by version
+        if hasattr(torch.distributed, name):
+            setattr(torch.distributed, name, counted(getattr(torch.distributed, name)))
+    pdist.parallelize, pdist.gradient_sync = parallelize, gradient_sync
+
+    def write():
+        with open(os.path.join(out_dir, f"record_{rank}.json"), "w") as f:
             json.dump(blocks, f)
-
-
-def spawn(world, argv, record=None):
-    mp.spawn(_worker, args=(world, free_port(), argv, record), nprocs=world)
+    return write
 
 
 def losses(run_dir):
     return [{k: v for k, v in json.loads(line).items() if k.startswith("loss")} for line in open(run_dir / "log.jsonl")]
-
-
-def weights(run_dir, step):
-    """The raw model weights of a run's checkpoint at `step` (.pt, or a sharded .dcp read in this process)."""
-    path = run_dir / f"ckpt_{step:08d}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=False)["model"]
-    from pmf_fast.checkpoint import load_sharded
-    model = {n: torch.empty_like(t) for n, t in PMFDiT(get_config("pMF-XS/4-test").model).state_dict().items()}
-    load_sharded(str(run_dir / f"ckpt_{step:08d}.dcp"), {"model": model})
-    return model
 
 
 @pytest.mark.slow
@@ -99,8 +76,9 @@ def weights(run_dir, step):
 def test_ranks_times_micro_batches_take_the_same_steps(tmp_path, capsys, parallel):
     """4 ranks x 1, 2 ranks x 2 (resumed as 1 rank x 4 after its second step) and 1 rank x 4 give the same
     parameters and logged losses, to rounding; the 2 x 2 run reduces its gradients once a step."""
-    spawn(4, args(tmp_path, "4x1", parallel, "train.steps=3"))
-    spawn(2, args(tmp_path, "2x2", parallel, "train.steps=2", "train.micro_batch=4"), record=str(tmp_path))
+    spawn_train(4, args(tmp_path, "4x1", parallel, "train.steps=3"))
+    spawn_train(2, args(tmp_path, "2x2", parallel, "train.steps=2", "train.micro_batch=4"),
+                setup=functools.partial(record_reductions, str(tmp_path)))
     train.main(args(tmp_path, "1x4", parallel, "train.steps=3", "train.micro_batch=4"))
     capsys.readouterr()
     train.main(args(tmp_path, "2x2", parallel, "train.steps=3", "train.micro_batch=4"))      # the same name resumes

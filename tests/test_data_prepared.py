@@ -22,6 +22,7 @@ from pmf_fast.data.dali import HAVE_DALI, DaliLoader
 from pmf_fast.data.folder import FolderDataset, center_crop_arr, usable_images
 from pmf_fast.data.prepare import prepare
 from pmf_fast.data.shards import FILES, MANIFEST, PreparedError, open_prepared, shard_name
+from tests.helpers import RandomExtractor, gloo_group
 from tests.photos import CONVERTED, UNUSABLE, photo_folder
 
 SIZE, SHARD = 64, 4                   # 14 files, 13 usable: 4 shards, the last one short
@@ -187,7 +188,6 @@ def _two_ranks(rank, world, init_file, src, out_dir):
     part of a prepare."""
     import torch.distributed as dist
 
-    from tests.test_dist import gloo_group
     os.environ["PMF_CACHE"] = os.path.join(out_dir, "cache")
     checked = []
     real = C._check_files
@@ -227,7 +227,6 @@ def test_a_damaged_scan_cache_is_scanned_again_and_rewritten(prepared, tmp_path,
 
 
 def test_fid_statistics_from_a_prepared_dataset(prepared, monkeypatch):
-    from tests.test_eval import RandomExtractor
     src, dst, files, _ = prepared
     ex = RandomExtractor()
     for name in os.listdir(dst):
@@ -244,7 +243,6 @@ def test_fid_statistics_from_a_prepared_dataset(prepared, monkeypatch):
 
 
 def test_a_damaged_fid_cache_is_computed_again(prepared, tmp_path):
-    from tests.test_eval import RandomExtractor
     dst = str(tmp_path / "dst")
     shutil.copytree(prepared[1], dst)
     ex = RandomExtractor()
@@ -268,8 +266,6 @@ def _fid_reference_ranks(rank, world, init_file, dst, out_dir):
     from pmf_fast import sampling
     from pmf_fast.config import get_config
     from pmf_fast.dist import RankFailed
-    from tests.test_dist import gloo_group
-    from tests.test_eval import RandomExtractor
     cfg = get_config("pMF-XS/4-test")
     cfg.train.eval_every, cfg.train.fid_ref, cfg.model.image_size = 1, dst, SIZE
     E.InceptionExtractor = lambda device: RandomExtractor()

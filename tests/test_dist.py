@@ -1,9 +1,6 @@
 """Data parallelism on PyTorch's engines (CPU, gloo, 2 and 3 processes): DDP and FSDP2 take the
 same optimizer steps as one process over the same global batch, Muon's Newton-Schulz shared out
 over ranks gives the single-rank update, and train.py runs and resumes under torchrun."""
-import contextlib
-import dataclasses
-import faulthandler
 import json
 import os
 import subprocess
@@ -14,70 +11,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pmf_fast.config import get_config
-from pmf_fast.dist import cleanup, full_tensor, parallelize
-from pmf_fast.meanflow import pmf_loss, sample_draws
-from pmf_fast.model import PMFDiT
+from pmf_fast.dist import parallelize
+from pmf_fast.meanflow import pmf_loss
 from pmf_fast.optimizers import Muon, assign_owners, build_optimizers, ns_cost
-from tests.helpers import assert_close_by_rule, wake_up
+from tests.helpers import ROOT, assert_close_by_rule, gloo_group, part, problem, rank_slice, train_steps, whole_params
 
 pytestmark = pytest.mark.slow                  # process launches or compiles: not the fast lane
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-B, STEPS = 12, 2                              # global batch (divisible by 2 and 3 ranks), optimizer steps
-
-
-def whole_params(model):
-    """{name: a copy of the whole parameter} (FSDP2's shards gathered: a collective)."""
-    return {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
-
-
-@contextlib.contextmanager
-def gloo_group(rank, world, init_file):
-    """A spawned worker's process group, torn down as train.py does (all ranks arrive, then close);
-    faulthandler names the Python line should gloo abort the process."""
-    faulthandler.enable()
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    yield
-    cleanup()
-
-
-def problem(dtype=torch.float32):
-    """Model, global batch and the draws of each step: the same on every process."""
-    torch.manual_seed(0)
-    cfg = get_config("pMF-XS/4-test")
-    model = wake_up(PMFDiT(cfg.model)).to(dtype)
-    m = cfg.model
-    x = (torch.rand(B, m.in_channels, m.image_size, m.image_size) * 2 - 1).to(dtype)
-    y = torch.randint(0, m.num_classes, (B,))
-    gen = torch.Generator().manual_seed(1)
-    draws = [sample_draws(x, cfg.objective, gen) for _ in range(STEPS)]
-    for d in draws:
-        for f in ("t", "r", "e", "omega", "t_min", "t_max"):
-            setattr(d, f, getattr(d, f).to(dtype))
-    return cfg, model, x, y, draws
-
-
-def part(d, sl):
-    return dataclasses.replace(d, **{f.name: getattr(d, f.name)[sl] for f in dataclasses.fields(d)
-                                     if torch.is_tensor(getattr(d, f.name))})
-
-
-def train_steps(rank, world, parallel, dtype=torch.float32, checkpointing="none", shard_size=0):
-    """Params after STEPS optimizer steps, each rank on its slice of the global batch."""
-    cfg, model, x, y, draws = problem(dtype)
-    step_model = parallelize(model, compile=False, parallel=parallel, checkpointing=checkpointing,
-                             shard_size=shard_size, device=torch.device("cpu"))
-    opts = build_optimizers(model, cfg.optim)
-    sl = slice(rank * B // world, (rank + 1) * B // world)
-    losses = []
-    for d in draws:
-        loss, _ = pmf_loss(step_model, x[sl], y[sl], part(d, sl), cfg.objective, cfg.model.num_classes)
-        loss.backward()
-        opts.step()
-        opts.zero_grad()
-        losses.append(loss.detach())
-    return whole_params(model), torch.stack(losses)
 
 
 def _worker(rank, world, init_file, out_dir, parallel, shard_size):
@@ -89,18 +28,12 @@ def _worker(rank, world, init_file, out_dir, parallel, shard_size):
             torch.save({"params": params, "losses": losses / world}, os.path.join(out_dir, "out.pt"))
 
 
-@pytest.fixture(scope="module")
-def single():
-    """One process over the global batch: fp64 (the reference) and fp32 (the eager error)."""
-    return train_steps(0, 1, "ddp", torch.float64), train_steps(0, 1, "ddp", torch.float32)
-
-
 @pytest.mark.parametrize("parallel, world, shard_size", [("ddp", 2, 0), ("fsdp", 2, 0), ("fsdp", 3, 0), ("fsdp", 4, 2)],
                          ids=["ddp-2", "fsdp-2", "fsdp-3", "hsdp-2x2"])
-def test_data_parallel_equals_one_process(tmp_path, single, parallel, world, shard_size):
+def test_data_parallel_equals_one_process(tmp_path, one_process_steps, parallel, world, shard_size):
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), parallel, shard_size), nprocs=world)
     got = torch.load(tmp_path / "out.pt")
-    (p64, l64), (p32, l32) = single
+    (p64, l64), (p32, l32) = one_process_steps
     assert_close_by_rule(got["losses"], l64, l32, "losses")
     for n in p64:
         assert_close_by_rule(got["params"][n], p64[n], p32[n], f"{parallel} x{world} {n}", relative_atol=True)
@@ -108,8 +41,8 @@ def test_data_parallel_equals_one_process(tmp_path, single, parallel, world, sha
     assert moved > 1e-3                                     # the steps did change the weights
 
 
-def test_activation_checkpointing_equals_none(single):
-    (p64, l64), (p32, l32) = single
+def test_activation_checkpointing_equals_none(one_process_steps):
+    (p64, l64), (p32, l32) = one_process_steps
     params, losses = train_steps(0, 1, "ddp", checkpointing="blocks")
     assert_close_by_rule(losses, l64, l32, "losses")
     for n in p64:
@@ -191,7 +124,7 @@ def _skip_worker(rank, world, init_file, out_dir, parallel):
         cfg, model, x, y, draws = problem()
         step_model = parallelize(model, compile=False, parallel=parallel, device=torch.device("cpu"))
         opts = build_optimizers(model, cfg.optim)
-        sl = slice(rank * B // world, (rank + 1) * B // world)
+        sl = rank_slice(rank, world)
         before = whole_params(model)
         loss, _ = pmf_loss(step_model, x[sl], y[sl], part(draws[0], sl), cfg.objective, cfg.model.num_classes)
         (loss * float("nan")).backward()                              # what train.py does on a skipped step

@@ -10,8 +10,7 @@ import torch
 import train
 from pmf_fast.config import ConfigError, get_config
 from pmf_fast.model import PMFDiT, ours_to_official
-from tests.helpers import wake_up
-from tests.test_accumulate import spawn, weights
+from tests.helpers import spawn_train, wake_up, weights
 
 B = 16
 
@@ -126,9 +125,9 @@ def test_init_under_fsdp2(tmp_path):
     checkpoints hold the source's weights, and their EMA shards too."""
     src = source_model()
     torch.save(ours_to_official(src), tmp_path / "w.pt")
-    spawn(2, args(tmp_path, "from_pt", f"train.init={tmp_path / 'w.pt'}", "train.parallel=fsdp"))
+    spawn_train(2, args(tmp_path, "from_pt", f"train.init={tmp_path / 'w.pt'}", "train.parallel=fsdp"))
     assert_equal(weights(tmp_path / "from_pt", 1), src, "fsdp from .pt")
-    spawn(2, args(tmp_path, "from_dcp", f"train.init={tmp_path / 'from_pt' / 'ckpt_00000001.dcp'}",
+    spawn_train(2, args(tmp_path, "from_dcp", f"train.init={tmp_path / 'from_pt' / 'ckpt_00000001.dcp'}",
                   "train.parallel=fsdp", "train.init_weights=raw"))
     assert_equal(weights(tmp_path / "from_dcp", 1), src, "fsdp from .dcp")
     from pmf_fast.checkpoint import load_sharded

@@ -11,7 +11,7 @@ rendezvous on loopback, as two hosts of a cluster meet at the head node's addres
   GLOO_SOCKET_IFNAME set), where this machine allows it (root, `ip netns`).
 
 docs/multinode.md gives the commands as run here. Every process tree is killed at the end of its
-test (tests/test_reliability.py's Run).
+test (tests/helpers.py's Run).
 
     python -m pytest tests/test_multinode.py           # CI: ~2 min on 2 CPU cores
 """
@@ -27,13 +27,16 @@ import pytest
 import torch
 
 from pmf_fast.checkpoint import list_checkpoints
-from tests.test_reliability import (
+from tests.helpers import (
     ROOT,
     Run,
+    assert_close_by_rule,
     assert_same_weights,
+    free_port,
     load,
     log_steps,
     train_cmd,
+    train_steps,
     wait_for_step,
     worker_logs,
 )
@@ -43,12 +46,6 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 # the minimum number of nodes is there the rendezvous waits 10 s for more (default 30 s; it ends
 # at once when all --nnodes are there)
 RDZV_CONF = "last_call_timeout=10,keep_alive_interval=1,keep_alive_max_attempt=3"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def agent(nnodes, nproc, port, log_dir, *script, max_restarts=0, host="127.0.0.1"):
@@ -89,13 +86,12 @@ def nodes(tmp_path):
 
 # ----------------------------------------------------------------------------- 1. two nodes = one process
 def worker(out):
-    """Run under torchrun: tests/test_dist.py's optimizer steps with DDP, then with HSDP (shard
-    within a node, replicate across nodes), each rank on its slice of the global batch; rank 0
-    saves the full parameters and the mean losses of each."""
+    """Run under torchrun: the optimizer steps of tests/test_dist.py (helpers.train_steps) with DDP,
+    then with HSDP (shard within a node, replicate across nodes), each rank on its slice of the
+    global batch; rank 0 saves the full parameters and the mean losses of each."""
     import torch.distributed as dist
 
     from pmf_fast.dist import cleanup
-    from tests.test_dist import train_steps
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world, per_node = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_WORLD_SIZE"])
@@ -114,13 +110,7 @@ def _all_hosts():
     return all_gather_objects(socket.gethostname())
 
 
-@pytest.fixture(scope="module")
-def single():
-    from tests.test_dist import train_steps
-    return train_steps(0, 1, "ddp", torch.float64), train_steps(0, 1, "ddp", torch.float32)
-
-
-def test_two_nodes_equal_one_process(tmp_path, nodes, single):
+def test_two_nodes_equal_one_process(tmp_path, nodes, one_process_steps):
     """DDP and HSDP over 2 nodes x 2 processes: the losses and every parameter after the steps
     equal one process over the same global batch (the 2x rule). One launch runs both."""
     out, port = tmp_path / "out.pt", free_port()
@@ -130,12 +120,11 @@ def test_two_nodes_equal_one_process(tmp_path, nodes, single):
         assert rc == 0, r.describe()
     got = torch.load(out)
     assert got["world"] == 4
-    assert_equal_to_one_process(got, single, "2 nodes x 2")
+    assert_equal_to_one_process(got, one_process_steps, "2 nodes x 2")
 
 
 def assert_equal_to_one_process(got, single, label):
     """The ddp and fsdp runs' losses and parameters against one process (fp64 / fp32), the 2x rule."""
-    from tests.helpers import assert_close_by_rule
     (p64, l64), (p32, l32) = single
     for parallel in ("ddp", "fsdp"):
         params, losses = got[parallel]
@@ -174,7 +163,7 @@ def two_hosts():
             ip("netns", "del", ns)
 
 
-def test_two_hosts_on_a_veth_pair(tmp_path, nodes, single, two_hosts):
+def test_two_hosts_on_a_veth_pair(tmp_path, nodes, one_process_steps, two_hosts):
     """The two nodes as two hosts (own network namespace, address and host name), gloo bound to the
     veth interface by GLOO_SOCKET_IFNAME, the rendezvous at the first host's address: DDP and HSDP
     over 2 hosts x 1 process equal one process."""
@@ -193,7 +182,7 @@ def test_two_hosts_on_a_veth_pair(tmp_path, nodes, single, two_hosts):
         assert rc == 0, r.describe()
     got = torch.load(out)
     assert got["world"] == 2 and sorted(got["hosts"]) == ["host0", "host1"], got   # two host names
-    assert_equal_to_one_process(got, single, "2 hosts")
+    assert_equal_to_one_process(got, one_process_steps, "2 hosts")
 
 
 # ----------------------------------------------------------------------------- 2. a node lost

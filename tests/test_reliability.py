@@ -9,8 +9,9 @@
   newest checkpoint and finish bit for bit equal to the uninterrupted run;
 * one process: SIGINT (Ctrl-C) and SIGTERM exit 0, no traceback, checkpoint written.
 
-Every run is bounded by a timeout; on a timeout the whole process tree (torchrun puts each worker
-in its own session) is killed and the test fails instead of hanging CI.
+Every run is bounded by a timeout (tests/helpers.py's Run: PMF_RUN_TIMEOUT s, 240 by default); on a
+timeout the whole process tree (torchrun puts each worker in its own session) is killed and the test
+fails instead of hanging CI.
 
     python -m pytest tests/test_reliability.py                     # CI: ~3 min on 2 CPU cores
     PMF_REPEAT=20 python -m pytest tests/test_reliability.py       # 20 budget stops, 7 SIGTERMs per target
@@ -20,12 +21,10 @@ PMF_REPEAT sets how many times the budget stop runs, and ceil(PMF_REPEAT / 3) ho
 points each target gets. The random points come from PMF_SEED (printed, random when unset).
 """
 import glob
-import json
 import math
 import os
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -33,12 +32,10 @@ import time
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import Run, assert_same_weights, load, log_steps, train_cmd, wait_for_step, worker_logs
+
 REPEAT = max(1, int(os.environ.get("PMF_REPEAT", "3")))
 SEED = int(os.environ.get("PMF_SEED", str(random.randrange(10**6))))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-TINY = ["--preset", "pMF-XS/4-test", "train.batch_size=16"]
-RUN_TIMEOUT = int(os.environ.get("PMF_RUN_TIMEOUT", "240"))   # one run, startup and the judge included (~20-30 s)
 # the SIGTERM / kill -9 runs: one check (and log line) per step, so a stop lands on a step boundary
 STEPS = 40
 EXACT = ["train.log_every=1", "train.stop_check_every=1", f"train.steps={STEPS}"]
@@ -53,95 +50,6 @@ def rng(*key):
 
 
 # ----------------------------------------------------------------------------- processes
-def children():
-    """{pid: [child pids]} of every process, from /proc."""
-    out = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            out.setdefault(ppid, []).append(int(d))
-    return out
-
-
-def descendants(pid):
-    tree, found, todo = children(), [], [pid]
-    while todo:
-        for c in tree.get(todo.pop(), []):
-            found.append(c)
-            todo.append(c)
-    return found
-
-
-def env_of(pid):
-    try:
-        raw = open(f"/proc/{pid}/environ", "rb").read()
-    except OSError:
-        return {}
-    return dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
-
-
-class Run:
-    """A train.py (or torchrun) process with its stdout and stderr in files, killed with all its
-    descendants when it outlives its timeout or the test."""
-
-    def __init__(self, cmd, out_dir, tag):
-        self.cmd, self.tag = cmd, tag
-        self.out_path, self.err_path = os.path.join(out_dir, f"{tag}.out"), os.path.join(out_dir, f"{tag}.err")
-        self.t0 = time.time()
-        self.proc = subprocess.Popen(cmd, stdout=open(self.out_path, "w"), stderr=open(self.err_path, "w"),
-                                     env=ENV, cwd=ROOT, start_new_session=True)
-        self.known = set()       # descendants seen so far: killed at the end even when orphaned
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def workers(self):
-        """{RANK: pid} of the train.py processes under this run."""
-        out = {}
-        for pid in descendants(self.proc.pid):
-            self.known.add(pid)
-            env = env_of(pid)
-            if "RANK" in env:
-                out[int(env["RANK"])] = pid
-        return out
-
-    def kill_tree(self):
-        pids = set(descendants(self.proc.pid)) | self.known
-        for pid in [self.proc.pid, *pids]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def wait(self, timeout=RUN_TIMEOUT):
-        """(returncode, stdout, stderr); a run that outlives `timeout` (a hang) fails the test."""
-        try:
-            rc = self.proc.wait(max(1.0, timeout - (time.time() - self.t0)))
-        except subprocess.TimeoutExpired:
-            self.kill_tree()
-            pytest.fail(f"{self.tag}: no exit within {timeout} s (hang); killed.\n$ {' '.join(self.cmd)}\n"
-                        f"--- stdout\n{self.out()[-3000:]}\n--- stderr\n{self.err()[-3000:]}")
-        self.kill_tree()         # workers orphaned by a dying torchrun
-        return rc, self.out(), self.err()
-
-    def out(self):
-        return open(self.out_path).read()
-
-    def err(self):
-        return open(self.err_path).read()
-
-    def describe(self):
-        return f"$ {' '.join(self.cmd)}\n--- stdout\n{self.out()[-3000:]}\n--- stderr\n{self.err()[-4000:]}"
-
-
 @pytest.fixture
 def runs(tmp_path):
     """start(cmd, tag) -> Run; every process tree still alive at teardown is killed."""
@@ -163,63 +71,8 @@ def torchrun(log_dir, *extra):
             f"--log-dir={log_dir}", "--tee=3", *extra]
 
 
-def train_cmd(out_dir, name, *overrides):
-    return [os.path.join(ROOT, "train.py"), *TINY, "--name", name, f"train.out_dir={out_dir}", *overrides]
-
-
-def log_steps(run_dir):
-    path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    steps = []
-    for line in open(path).read().splitlines():
-        try:
-            steps.append(json.loads(line)["step"])
-        except (ValueError, KeyError):      # a line being written
-            pass
-    return steps
-
-
-def wait_for_step(run, run_dir, step, timeout=RUN_TIMEOUT):
-    """Block until log.jsonl holds a line of `step` or later (training has started)."""
-    while not any(s >= step for s in log_steps(run_dir)):
-        if not run.alive():
-            pytest.fail(f"{run.tag} ended before logging step {step}\n{run.describe()}")
-        if time.time() - run.t0 > timeout:
-            run.kill_tree()
-            pytest.fail(f"{run.tag}: step {step} not logged within {timeout} s\n{run.describe()}")
-        time.sleep(0.05)
-
-
 def checkpoints(run_dir):
     return sorted(glob.glob(os.path.join(run_dir, "ckpt_*.pt")))
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def assert_same_weights(a, b, what):
-    """The model's parameters and every EMA, bit for bit."""
-    assert a["train"]["step"] == b["train"]["step"]
-    for key in ("model", "emas"):
-        x, y = a[key], b[key]
-        if key == "emas":
-            x = {f"{k}.{n}": t for k, d in x.items() for n, t in d.items()}
-            y = {f"{k}.{n}": t for k, d in y.items() for n, t in d.items()}
-        assert x.keys() == y.keys()
-        diff = [n for n in x if not torch.equal(x[n], y[n])]
-        assert not diff, f"{what}: {key} differs from the uninterrupted run in {diff[:5]} " \
-                         f"(max |diff| {max((x[n] - y[n]).abs().max().item() for n in diff):.3g})"
-
-
-def worker_logs(log_dir, stream):
-    """{(attempt, rank): text} of torchrun's per-worker stdout/stderr files."""
-    out = {}
-    for path in glob.glob(os.path.join(log_dir, "*", "attempt_*", "*", f"{stream}.log")):
-        parts = path.split(os.sep)
-        out[(int(parts[-3].split("_")[1]), int(parts[-2]))] = open(path).read()
-    return out
 
 
 class Jitter:
