@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from pmf_fast.dist import parallelize
 from pmf_fast.meanflow import pmf_loss
-from pmf_fast.optimizers import Muon, assign_owners, build_optimizers, ns_cost
+from pmf_fast.optimizers import Muon, build_optimizers
 from tests.helpers import ROOT, assert_close_by_rule, gloo_group, part, problem, rank_slice, train_steps, whole_params
 
 pytestmark = pytest.mark.slow                  # process launches or compiles: not the fast lane
@@ -50,15 +50,6 @@ def test_activation_checkpointing_equals_none(one_process_steps):
 
 
 # ----------------------------------------------------------------------------- distributed Muon
-def test_owners_balance_newton_schulz_cost():
-    shapes = [(32, 32)] * 7 + [(32, 85)] * 3 + [(85, 32)] * 2 + [(10, 256)]
-    for world in (2, 3):
-        owner = assign_owners(shapes, world)
-        load = [sum(ns_cost(s) for s, o in zip(shapes, owner) if o == r) for r in range(world)]
-        assert max(load) - min(load) <= max(ns_cost(s) for s in shapes), load
-        assert owner == assign_owners(shapes, world)         # the same on every rank
-
-
 def _muon_worker(rank, world, init_file, out_dir):
     with gloo_group(rank, world, init_file):
         out = muon_steps()

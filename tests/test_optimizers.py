@@ -8,7 +8,16 @@ from pmf_fast.kernels.newton_schulz import newton_schulz_ref
 
 from pmf_fast.config import OptimConfig, get_config
 from pmf_fast.model import PMFDiT
-from pmf_fast.optimizers import Muon, NAdamW, Optimizers, build_optimizers, lr_factor, split_params
+from pmf_fast.optimizers import (
+    Muon,
+    NAdamW,
+    Optimizers,
+    assign_owners,
+    build_optimizers,
+    lr_factor,
+    ns_cost,
+    split_params,
+)
 from tests.helpers import assert_close_by_rule
 
 NOTICE = "resumes from a torch.optim.AdamW state"
@@ -266,3 +275,14 @@ def test_lr_schedule():
     assert lr_factor(cos, 0, 0.5) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(cos, 0, 0.25) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
     assert lr_factor(cos, 0, 1.7) == pytest.approx(0.1)                  # past the planned end: the floor
+
+
+def test_owners_balance_newton_schulz_cost():
+    """Distributed Muon's owners of the Newton-Schulz work: balanced to within one matrix's cost,
+    and the same on every rank (tests/test_dist.py runs the steps on 2 and 3 ranks)."""
+    shapes = [(32, 32)] * 7 + [(32, 85)] * 3 + [(85, 32)] * 2 + [(10, 256)]
+    for world in (2, 3):
+        owner = assign_owners(shapes, world)
+        load = [sum(ns_cost(s) for s, o in zip(shapes, owner) if o == r) for r in range(world)]
+        assert max(load) - min(load) <= max(ns_cost(s) for s in shapes), load
+        assert owner == assign_owners(shapes, world)         # the same on every rank
