@@ -15,6 +15,7 @@ import sample
 from pmf_fast import eval as E
 from pmf_fast.judge import spread
 from pmf_fast.model import ours_to_official
+from tests.helpers import RandomExtractor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,20 +52,6 @@ def test_precision_recall():
 def test_spread():
     f = np.array([[0.0, 0], [2, 0], [10, 10], [10, 14]])
     assert np.isclose(spread(f, np.array([0, 0, 1, 1])), (1 + 2) / 2)
-
-
-class RandomExtractor:
-    """Test-only stand-in for Inception: a fixed random conv net, uint8 [N, 3, H, W] -> (pool, logits)."""
-    name = "test-only random CNN (not Inception)"
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.conv = torch.randn(16, 3, 3, 3, generator=g) / 5
-        self.head = torch.randn(16, 10, generator=g)
-
-    def __call__(self, x):
-        h = torch.relu(torch.nn.functional.conv2d(x.float() / 127.5 - 1, self.conv, stride=2)).mean((2, 3))
-        return h.double().numpy(), (h @ self.head).double().numpy()
 
 
 def test_pipeline_with_stand_in_extractor(tmp_path):
