@@ -147,3 +147,45 @@ def test_sharded_checkpoint_resumes_on_another_world_size(tmp_path, capsys):
     assert "resumed from" in out and "from a 2-rank run: fresh random streams" in out
     assert [l["step"] for l in log_of(tmp_path, "dcp")] == [1, 2, 3]
     assert os.path.isdir(tmp_path / "dcp" / "ckpt_00000003.dcp")
+
+
+# ----------------------------------------------------------------------------- a long agreed step
+def _slow_agreed_step(rank, world, port, out_dir, objects_group):
+    """Rank `rank` of a torchrun-like process set (dist.setup from the environment) whose default group
+    times out after 3 s; rank 0 takes 6 s inside an agreed step while rank 1 waits in its gather."""
+    import datetime
+    import time
+
+    from pmf_fast import dist as D
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    real_init = dist.init_process_group
+    dist.init_process_group = lambda *a, **kw: real_init(*a, **kw, timeout=datetime.timedelta(seconds=3))
+    D.OBJECTS_TIMEOUT = datetime.timedelta(seconds=60)
+    if not objects_group:                                      # the control: gathers on the default group
+        dist.new_group = lambda *a, **kw: None
+    D.setup()
+    try:
+        with D.agreed("a slow set-up step"):
+            if rank == 0:
+                time.sleep(6)
+        outcome = "ok"
+    except Exception as e:
+        outcome = type(e).__name__
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+
+
+@pytest.mark.parametrize("objects_group", [True, False])
+def test_agreed_steps_outlast_the_default_groups_timeout(tmp_path, objects_group):
+    """A set-up step one rank takes while the others wait (rank 0's FID reference) outlasts NCCL's
+    10-minute timeout on a real run: the agreed gathers run on dist's gloo group with OBJECTS_TIMEOUT.
+    Here the default group times out at 3 s and rank 0 takes 6 s; without that group, it fails."""
+    from tests.helpers import free_port
+    mp.start_processes(_slow_agreed_step, args=(2, free_port(), str(tmp_path), objects_group), nprocs=2,
+                       start_method="fork")
+    outcomes = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    if objects_group:
+        assert outcomes == ["ok", "ok"]
+    else:
+        assert outcomes[1] != "ok", outcomes                   # rank 1's gather timed out
