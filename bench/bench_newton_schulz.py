@@ -3,8 +3,9 @@ our batched symmetric kernels (one call per shape), torch.optim.Muon's orthogona
 per matrix), and the eager reference batched under torch.compile (what Muon uses). bf16, 5 steps.
 FLOPs per step on m x n (m <= n), counted as plain GEMMs: 2 m^2 n (X X^T) + 2 m^3 (A^2) + 2 m^2 n (B X).
 Rows: the kernel and the compiled reference each against torch.optim.Muon, and the kernel against
-the compiled reference: the row that decides (kernels/newton_schulz.py: the kernel replaces the
-compiled reference in Muon only at >= 1.3x; measured 1.00x on an H200, torch 2.11).
+the compiled reference: the row that decides whether the kernel, a candidate that training never
+runs, replaces the compiled reference in Muon (at >= 1.3x; the last measurement is in
+kernels/newton_schulz.py).
 """
 import torch
 from pmf_fast.kernels.newton_schulz import NS_COEFFICIENTS, newton_schulz, newton_schulz_ref

@@ -14,13 +14,14 @@ small GEMMs. X <- a X + B X is a batched cuBLAS GEMM (torch.baddbmm). On GPU the
 bf16 with fp32 accumulation (dtype=None means bf16 on CUDA); on CPU without TRITON_INTERPRET=1
 the reference runs instead.
 
-Muon runs newton_schulz_ref under torch.compile; this kernel stays a benchmarked alternative, to be
-used only if it beats the compiled batched reference by at least 1.3x. Measured over the 178 Muon
-matrices of pMF-B/16 (H200, torch 2.11, triton 3.6): kernel 8.73 ms, compiled reference 8.73 ms
-(1.00x), torch.optim.Muon's per-matrix loop 5.5x slower than either. The gain over Muon's loop comes
-from batching same-shape matrices, which the compiled reference does as well; computing only the
-lower-triangle tiles gave nothing measurable on top of it. bench/bench_newton_schulz.py reports all
-three in one run; revisit the choice when its kernel-vs-compiled row reaches 1.3x.
+The kernel is a candidate: training never runs it (Muon runs newton_schulz_ref under
+torch.compile, pmf_fast/optimizers.py). It is kept until a GPU run of
+bench/bench_newton_schulz.py::test_pmf_b_step decides: its row "ours vs compiled eager reference"
+must reach 1.3x for Muon to switch. Measured over the 178 Muon matrices of pMF-B/16 (H200, torch
+2.11, triton 3.6): kernel 8.73 ms, compiled reference 8.73 ms (1.00x), torch.optim.Muon's
+per-matrix loop 5.5x slower than either. The gain over Muon's loop comes from batching same-shape
+matrices, which the compiled reference does as well; computing only the lower-triangle tiles gave
+nothing measurable on top.
 """
 
 import torch
@@ -52,15 +53,16 @@ def newton_schulz_ref(G, steps=5, coefficients=NS_COEFFICIENTS, eps=1e-7, dtype=
     return X.to(G.dtype)
 
 
-
 if triton is not None:
+    from ._triton import dot
+
     @triton.jit
     def _sym_gram_kernel(X, A, OUT, M, K, alpha, beta,
                          BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, ADD_A: tl.constexpr, IEEE: tl.constexpr):
         """OUT[b] = alpha * X[b] X[b]^T (+ beta * A[b] when ADD_A), lower-triangle tiles + mirror.
         X: [B, M, K] contiguous; A, OUT: [B, M, M] contiguous."""
         pid, pid_b = tl.program_id(0), tl.program_id(1)
-        tiles = tl.cdiv(M, BLOCK)
+        tiles = tl.cdiv(M, BLOCK)                          # tiles per side
         pid_m, pid_n = pid // tiles, pid % tiles
         if pid_n > pid_m:                                  # upper triangle: the mirror store covers it
             return
@@ -71,12 +73,11 @@ if triton is not None:
         acc = tl.zeros([BLOCK, BLOCK], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + ks
-            a = tl.load(xb + rows[:, None] * K + kk[None, :], mask=(rows < M)[:, None] & (kk < K)[None, :], other=0.0)
-            bt = tl.load(xb + cols[:, None] * K + kk[None, :], mask=(cols < M)[:, None] & (kk < K)[None, :], other=0.0)
-            if IEEE:
-                acc += tl.dot(a, tl.trans(bt), input_precision="ieee")
-            else:
-                acc += tl.dot(a, tl.trans(bt))
+            x_rows = tl.load(xb + rows[:, None] * K + kk[None, :], mask=(rows < M)[:, None] & (kk < K)[None, :],
+                             other=0.0)
+            x_cols = tl.load(xb + cols[:, None] * K + kk[None, :], mask=(cols < M)[:, None] & (kk < K)[None, :],
+                             other=0.0)
+            acc += dot(x_rows, tl.trans(x_cols), IEEE)
         acc = acc * alpha
         ob = pid_b.to(tl.int64) * M * M
         mask = (rows < M)[:, None] & (cols < M)[None, :]
@@ -92,7 +93,8 @@ def _sym_gram(X, A=None, alpha=1.0, beta=0.0):
     """alpha X X^T (+ beta A), X [B, M, K] -> [B, M, M], symmetric tiles computed once."""
     Bn, M, K = X.shape
     out = torch.empty(Bn, M, M, device=X.device, dtype=X.dtype)
-    block, block_k = (16, 16) if interpreting() else (64, 64)   # 64 x 64: not yet timed on a GPU (bench_newton_schulz)
+    # 64 x 64 tiles are untimed: bench/bench_newton_schulz.py::test_pmf_b_step times them with the kernel
+    block, block_k = (16, 16) if interpreting() else (64, 64)
     tiles = triton.cdiv(M, block)
     _sym_gram_kernel[(tiles * tiles, Bn)](X, A if A is not None else X, out, M, K, alpha, beta,
                                           BLOCK=block, BLOCK_K=block_k, ADD_A=A is not None,

@@ -9,6 +9,10 @@ The map is linear, so y_dot is the same map of x_dot without the biases. y_dot i
 differentiable (stop-gradient in pMF's loss); y is differentiable in the weights and biases
 (the pixels are data: no gradient for x). Eager reference: patch_embed_ref (the two convolutions).
 
+patch_embed (the image alone) is a candidate: training runs only patch_embed_jvp, and the model's
+forward without a tangent (sampling) runs its nn.Conv2d pair. It is kept until
+bench/bench_patch_embed.py::test_patch_embed_image_only decides against that pair.
+
 Kernel: one program per [BLOCK_M tokens] x {image, tangent image}. The A operand is gathered
 straight from the image (K index = c * p * p + ph * p + pw, the conv weight's order), so no patch
 tensor is materialised; the [BLOCK_M, r] bottleneck stays in registers (fp32) and feeds the second
@@ -28,17 +32,20 @@ def patch_embed_ref(x, w1, b1, w2, b2):
     return F.conv2d(F.conv2d(x, w1, b1, stride=p), w2, b2).flatten(2).transpose(1, 2)
 
 
-
 if triton is not None:
+    from ._triton import dot
+
     @triton.jit
-    def _embed_tile(X, W1, B1, W2, B2, O, pid_m, M, T, G, P, K, R, Dout, sxb, sxc, sxh, sxw,
+    def _embed_tile(X, W1, B1, W2, B2, Y, pid_m, M, T, G, P, K, R, Dout, sxb, sxc, sxh, sxw,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                     ADD_BIAS: tl.constexpr, IEEE: tl.constexpr):
+        """Rows pid_m * BLOCK_M + [0, BLOCK_M) of Y [M = B * T, Dout] from the image X: T tokens
+        (patches) per image on a G x G grid of P x P patches, K = C * P * P."""
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)               # token index over B * T
         row_ok = rows < M
-        b, t = rows // T, rows % T
-        gy, gx = t // G, t % G
-        row_base = b.to(tl.int64) * sxb + (gy * P).to(tl.int64) * sxh + (gx * P).to(tl.int64) * sxw
+        image, token = rows // T, rows % T
+        gy, gx = token // G, token % G
+        row_base = image.to(tl.int64) * sxb + (gy * P).to(tl.int64) * sxh + (gx * P).to(tl.int64) * sxw
         rr = tl.arange(0, BLOCK_R)
         r_ok = rr < R
         acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
@@ -48,35 +55,29 @@ if triton is not None:
             col_off = c.to(tl.int64) * sxc + (rem // P).to(tl.int64) * sxh + (rem % P).to(tl.int64) * sxw
             a = tl.load(X + row_base[:, None] + col_off[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
             w1 = tl.load(W1 + rr[None, :] * K + kk[:, None], mask=(kk < K)[:, None] & r_ok[None, :], other=0.0)
-            if IEEE:
-                acc += tl.dot(a, w1, input_precision="ieee")
-            else:
-                acc += tl.dot(a, w1)
+            acc += dot(a, w1, IEEE)
         if ADD_BIAS:
             acc += tl.load(B1 + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
         h = acc.to(W2.dtype.element_ty)
         for n0 in range(0, Dout, BLOCK_N):
             nn = n0 + tl.arange(0, BLOCK_N)
             w2 = tl.load(W2 + nn[None, :] * R + rr[:, None], mask=r_ok[:, None] & (nn < Dout)[None, :], other=0.0)
-            if IEEE:
-                out = tl.dot(h, w2, input_precision="ieee")
-            else:
-                out = tl.dot(h, w2)
+            out = dot(h, w2, IEEE)
             if ADD_BIAS:
                 out += tl.load(B2 + nn, mask=nn < Dout, other=0.0).to(tl.float32)[None, :]
-            tl.store(O + rows.to(tl.int64)[:, None] * Dout + nn[None, :], out.to(O.dtype.element_ty),
+            tl.store(Y + rows.to(tl.int64)[:, None] * Dout + nn[None, :], out.to(Y.dtype.element_ty),
                      mask=row_ok[:, None] & (nn < Dout)[None, :])
 
     @triton.jit
-    def _patch_embed_kernel(X, XD, W1, B1, W2, B2, O, OD, M, T, G, P, K, R, Dout, sxb, sxc, sxh, sxw,
+    def _patch_embed_kernel(X, X_DOT, W1, B1, W2, B2, Y, Y_DOT, M, T, G, P, K, R, Dout, sxb, sxc, sxh, sxw,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                             BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
         pid_m, which = tl.program_id(0), tl.program_id(1)
         if which == 0:                                                # the image: with biases
-            _embed_tile(X, W1, B1, W2, B2, O, pid_m, M, T, G, P, K, R, Dout, sxb, sxc, sxh, sxw,
+            _embed_tile(X, W1, B1, W2, B2, Y, pid_m, M, T, G, P, K, R, Dout, sxb, sxc, sxh, sxw,
                         BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N, True, IEEE)
         else:                                                         # its tangent: linear part only
-            _embed_tile(XD, W1, B1, W2, B2, OD, pid_m, M, T, G, P, K, R, Dout, sxb, sxc, sxh, sxw,
+            _embed_tile(X_DOT, W1, B1, W2, B2, Y_DOT, pid_m, M, T, G, P, K, R, Dout, sxb, sxc, sxh, sxw,
                         BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N, False, IEEE)
 
 
@@ -98,12 +99,12 @@ def _tiles(r, dtype):
       bf16 / fp16, 3 stages: r = 128: 120 KiB; r = 256 (M tile 32, 8 warps: the fp32 bottleneck
         stays in registers): 136 KiB.
       fp32 with the bf16 tiles, 3 stages: r = 128: 192 KiB; r = 256: 304 KiB with [256, 64] w2
-        tiles, 240 KiB with [256, 32]: over the limit (an H200 refused the r = 256 launch;
-        the tool gives the card's verdict for every case: only fp32 r = 256 over).
+        tiles, 240 KiB with [256, 32]: over the limit (an H200 refuses that r = 256 launch, as
+        the tool predicts; of all cases only fp32 r = 256 is over).
         fp32 is a test dtype, not a training one (its IEEE products use no tensor cores), so it
         takes 32-token tiles, 8 warps and 2 stages: 88 and 136 KiB (within an A100's 163 KiB),
-        no spills (r = 128 spilled 2.5 KiB per thread), and 4 s instead of 13 s to compile r = 128
-        on this project's 2-core CPU."""
+        no spills (r = 128 spills 2.5 KiB per thread with the bf16 tiles), and r = 128 compiles in
+        4 s against 13 s (2 CPU cores)."""
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16)
     big = r > 128
@@ -123,14 +124,13 @@ def _launch(x, x_dot, w1, b1, w2, b2):
         x = x.contiguous() if x_dot.is_contiguous() else x
     w1f, w2f = w1.reshape(r, K).to(x.dtype).contiguous(), w2.reshape(D, r).to(x.dtype).contiguous()
     y = torch.empty(B, T, D, device=x.device, dtype=x.dtype)
-    yd = torch.empty_like(y) if x_dot is not None else y
+    y_dot = torch.empty_like(y) if x_dot is not None else y
     tiles = _tiles(r, x.dtype)
     grid = (triton.cdiv(M, tiles["BLOCK_M"]), 2 if x_dot is not None else 1)
-    _patch_embed_kernel[grid](x, x_dot if x_dot is not None else x, w1f, b1.to(x.dtype), w2f, b2.to(x.dtype), y, yd,
-                              M, T, G, p, K, r, D, *x.stride(), BLOCK_R=max(16, triton.next_power_of_2(r)),
+    _patch_embed_kernel[grid](x, x_dot if x_dot is not None else x, w1f, b1.to(x.dtype), w2f, b2.to(x.dtype), y,
+                              y_dot, M, T, G, p, K, r, D, *x.stride(), BLOCK_R=max(16, triton.next_power_of_2(r)),
                               IEEE=x.dtype == torch.float32, **tiles)
-    return y, yd
-
+    return y, y_dot
 
 
 @torch.library.custom_op("pmf_fast::patch_embed", mutates_args=())
@@ -147,8 +147,8 @@ def _patch_embed_jvp_op(x: torch.Tensor, x_dot: torch.Tensor, w1: torch.Tensor, 
     if use_kernel(x):
         return _launch(x, x_dot, w1, b1, w2, b2)
     y = _patch_embed_op(x, w1, b1, w2, b2)
-    yd = patch_embed_ref(x_dot, w1.to(x.dtype), None, w2.to(x.dtype), None).contiguous()
-    return y, yd
+    y_dot = patch_embed_ref(x_dot, w1.to(x.dtype), None, w2.to(x.dtype), None).contiguous()
+    return y, y_dot
 
 
 def _fake_y(x, w1, w2):
@@ -201,7 +201,7 @@ _patch_embed_jvp_op.register_autograd(_backward_jvp, setup_context=_setup)
 
 
 def patch_embed(x, w1, b1, w2, b2):
-    """[B, C, H, W] -> [B, T, D], differentiable in w1, b1, w2, b2."""
+    """[B, C, H, W] -> [B, T, D], differentiable in w1, b1, w2, b2. A candidate (module docstring)."""
     _check(x, w1, b1, w2, b2)
     return _patch_embed_op(x, w1, b1, w2, b2)
 
@@ -209,5 +209,5 @@ def patch_embed(x, w1, b1, w2, b2):
 def patch_embed_jvp(x, x_dot, w1, b1, w2, b2):
     """(y, y_dot) for the image and its tangent image in one launch; y_dot is detached."""
     _check(x, w1, b1, w2, b2, x_dot)
-    y, yd = _patch_embed_jvp_op(x, x_dot, w1, b1, w2, b2)
-    return y, yd.detach()
+    y, y_dot = _patch_embed_jvp_op(x, x_dot, w1, b1, w2, b2)
+    return y, y_dot.detach()

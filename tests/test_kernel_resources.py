@@ -2,9 +2,9 @@
 machine (bench/kernel_resources.py): it compiles, its shared memory fits the card, and nothing that
 training runs spills.
 
-No GPU is needed: Triton compiles ahead of time and its wheel ships ptxas and cuobjdump. This is the
-check that finds a launch like the fp32 patch embedding at r = 256 (it asked an H200
-for 304 KiB of shared memory) before a GPU does. The tool runs in a child process: the tests here
+No GPU is needed: Triton compiles ahead of time and its wheel ships ptxas and cuobjdump. It finds,
+without a GPU, a launch such as the fp32 patch embedding at r = 256 with [256, 64] w2 tiles and 3
+stages: 304 KiB of shared memory, which an H200 refuses to launch. The tool runs in a child process: the tests here
 run with TRITON_INTERPRET=1, under which Triton's kernels are interpreted functions that do not
 compile for a GPU."""
 import os

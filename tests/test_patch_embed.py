@@ -22,30 +22,30 @@ def make(case, dtype, channels_last=False):
         emb.proj1.bias.normal_()
         emb.proj2.bias.normal_()
     x = torch.randn(B, C, S, S, device=DEV, dtype=dtype)
-    xd = torch.randn_like(x)
+    x_dot = torch.randn_like(x)
     if channels_last:
-        x, xd = x.contiguous(memory_format=torch.channels_last), xd.contiguous(memory_format=torch.channels_last)
+        x, x_dot = x.contiguous(memory_format=torch.channels_last), x_dot.contiguous(memory_format=torch.channels_last)
     w = [t.detach().to(dtype) for t in (emb.proj1.weight, emb.proj1.bias, emb.proj2.weight, emb.proj2.bias)]
-    return x, xd, w, emb
+    return x, x_dot, w, emb
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_values_and_tangent(case, dtype, channels_last):
-    x, xd, w, _ = make(case, dtype, channels_last)
+    x, x_dot, w, _ = make(case, dtype, channels_last)
     w64 = [t.double() for t in w]
-    ref, ref_dot = patch_embed_ref(x.double(), *w64), patch_embed_ref(xd.double(), w64[0], None, w64[2], None)
-    y, yd = patch_embed_jvp(x, xd, *w)
+    ref, ref_dot = patch_embed_ref(x.double(), *w64), patch_embed_ref(x_dot.double(), w64[0], None, w64[2], None)
+    y, y_dot = patch_embed_jvp(x, x_dot, *w)
     assert y.shape == ref.shape and y.dtype == dtype
     if dtype == torch.float32 or GPU:
         eager = patch_embed_ref(x, *w)
     else:
         eager = patch_embed_ref(x.float(), *[t.float() for t in w]).to(dtype)
-    eager_dot = (patch_embed_ref(xd, w[0], None, w[2], None) if dtype == torch.float32 or GPU else
-                 patch_embed_ref(xd.float(), w[0].float(), None, w[2].float(), None).to(dtype))
+    eager_dot = (patch_embed_ref(x_dot, w[0], None, w[2], None) if dtype == torch.float32 or GPU else
+                 patch_embed_ref(x_dot.float(), w[0].float(), None, w[2].float(), None).to(dtype))
     assert_close_by_rule(y, ref, eager, "y")
-    assert_close_by_rule(yd, ref_dot, eager_dot, "y_dot")
+    assert_close_by_rule(y_dot, ref_dot, eager_dot, "y_dot")
     assert torch.equal(patch_embed(x, *w), y)
 
 
@@ -63,16 +63,16 @@ def no_tf32():
 
 def test_weight_gradients_match_the_model_convs(no_tf32):
     case = CASES[0]
-    x, xd, _, emb = make(case, torch.float32)
+    x, x_dot, _, emb = make(case, torch.float32)
     dy = torch.randn(x.shape[0], (x.shape[-1] // case[3]) ** 2, case[5], device=DEV)
     params = [emb.proj1.weight, emb.proj1.bias, emb.proj2.weight, emb.proj2.bias]
     ref = torch.autograd.grad(emb(x), params, dy)
-    for fn in (lambda: patch_embed(x, *params), lambda: patch_embed_jvp(x, xd, *params)[0]):
+    for fn in (lambda: patch_embed(x, *params), lambda: patch_embed_jvp(x, x_dot, *params)[0]):
         got = torch.autograd.grad(fn(), params, dy)
         for g, r in zip(got, ref):
             assert torch.allclose(g, r, rtol=1e-4, atol=1e-4), (g - r).abs().max()
-    _, yd = patch_embed_jvp(x, xd, *params)
-    assert not yd.requires_grad
+    _, y_dot = patch_embed_jvp(x, x_dot, *params)
+    assert not y_dot.requires_grad
 
 
 def test_bad_shapes():
