@@ -3,12 +3,13 @@ measured in the same run. FLOPs (flash-attention's benchmark convention): forwar
 forward + tangent 3x that, backward 2.5x.
 Shapes: pMF-B/16 (12 heads, D 64) and pMF-H/16 (16 heads, D 80) at N = 276, batch 128, bf16.
 Targets (H100/H200): forward + tangent >= 350 TFLOP/s at D = 64 and >= 280 at D = 80
-(D = 80 at least 80% of D = 64); backward >= 1.0x SDPA's backward. Measured before the head-dim
-split and the backward variants (H200, torch 2.11): forward + tangent 286 / 148 TFLOP/s at D = 64 / 80,
-two-pass backward 0.54x / 0.40x SDPA's. kernels.attention.BACKWARD must name the variant that
-test_backward measures fastest. test_forward_tangent_tiles times the forward+tangent kernel at
-the six tile sizes that compile without spilling for sm_90 (python -m bench.kernel_resources
---sweep), so one GPU run says which tiles kernels.attention._tiles should choose.
+(D = 80 at least 80% of D = 64); backward >= 1.0x SDPA's backward. The numbers measured so far
+(D = 80 padded to 128, two-pass backward only) are in kernels/attention.py: its docstring and the
+BACKWARD comment. kernels.attention.BACKWARD must name the variant that test_backward measures
+fastest; its "triton_onepass" rows decide whether that candidate stays. test_forward_tangent_tiles
+times the forward+tangent kernel at the six tile sizes that compile without spilling for sm_90
+(python -m bench.kernel_resources --sweep), so one GPU run says which tiles
+kernels.attention._tiles should choose.
 """
 import pytest
 import torch
@@ -41,8 +42,8 @@ def inputs(shape, n=6, grad=False):
     return [torch.randn(shape, device=device(), dtype=DTYPE, requires_grad=grad) for _ in range(n)]
 
 
-def math_jvp(q, k, v, qd, kd, vd):
-    return torch.func.jvp(attention_ref, (q, k, v), (qd, kd, vd))
+def math_jvp(q, k, v, q_dot, k_dot, v_dot):
+    return torch.func.jvp(attention_ref, (q, k, v), (q_dot, k_dot, v_dot))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}xH{}xN{}xD{}".format(*s))

@@ -22,8 +22,9 @@ Kernels (flash-attention 2 style, one program per [BLOCK_M query rows] of one (b
                      dQ = tau dS K, dK = tau dS^T Q, dV = P^T dO.
 Head dims that are not a power of two are split, not padded: D = 80 (pMF-H) runs as a 64-wide
 "head" tile plus a 16-wide "tail" tile (two tl.dot accumulations for Q K^T, two accumulators for O,
-O_dot, dK, dV, dQ), so no tile work is spent on padding; padding 80 to 128 wasted 37% of it (the
-forward+tangent then ran 148 TFLOP/s at D = 80 against 286 at D = 64, H200, torch 2.11).
+O_dot, dK, dV, dQ), so no tile work is spent on padding. Padded to 128, 37% of the tile work at
+D = 80 is zeros: the padded forward+tangent ran 148 TFLOP/s at D = 80 against 286 at D = 64
+(H200, torch 2.11).
 
 Backward: three variants, all tested against the reference (tests/test_attention.py).
   "torch_flash"     PyTorch's own fused flash-attention backward (FA2, sm80+, fp16/bf16, D % 8 == 0)
@@ -31,6 +32,9 @@ Backward: three variants, all tested against the reference (tests/test_attention
   "triton"          two passes, dK/dV then dQ (no atomics: deterministic).
   "triton_onepass"  one pass over K/V blocks that also adds each block's dQ share into an fp32
                     buffer with atomics (5 instead of 7 block matmuls; not bit-deterministic).
+                    A candidate: training never runs it (BACKWARD is "torch_flash", "triton"
+                    where FA2 does not apply); kept until bench/bench_attention.py::test_backward's
+                    "triton_onepass" row against SDPA's backward decides.
 BACKWARD picks the default: see its comment.
 Registered with torch.library.custom_op + register_fake + register_autograd, so torch.compile
 (fullgraph) traces them, on GPU and in Triton's CPU interpreter alike (triton_op + wrap_triton
@@ -69,8 +73,8 @@ def attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot):
         p, o32, q, k, v = p.detach(), o.detach(), upcast(q.detach()), upcast(k.detach()), upcast(v.detach())
         s_dot = (torch.einsum("bhqd,bhkd->bhqk", upcast(q_dot), k)
                  + torch.einsum("bhqd,bhkd->bhqk", q, upcast(k_dot))) * scale
-        ps = p * s_dot
-        o_dot = (torch.einsum("bhqk,bhkd->bhqd", ps, v) - ps.sum(-1, keepdim=True) * o32
+        p_s_dot = p * s_dot
+        o_dot = (torch.einsum("bhqk,bhkd->bhqd", p_s_dot, v) - p_s_dot.sum(-1, keepdim=True) * o32
                  + torch.einsum("bhqk,bhkd->bhqd", p, upcast(v_dot)))
     return o.to(dtype), o_dot.to(dtype)
 
@@ -89,15 +93,14 @@ def attention_bwd_ref(do, q, k, v):
 
 
 # ----------------------------------------------------------------------------- kernels
+# Names: x_dot is the forward-mode tangent of x (q_dot, s_dot, o_dot), dx a gradient (dq, dS, dO).
+# Every kernel sees the head dimension as a "head" part, dims [0, BLOCK_D), and, when BLOCK_TAIL > 0,
+# a "tail" part, dims [BLOCK_D, BLOCK_D + BLOCK_TAIL) (see _dim_blocks), so an operand with D columns
+# is a pair of tiles (x, x_tail) that the *_pair helpers below load, multiply and store together.
+# With BLOCK_TAIL == 0 the tail is a placeholder (the head tile itself) that no helper reads or
+# updates: the compiled kernel has no tail work at all.
 if triton is not None:
-
-    @triton.jit
-    def _dot(a, b, IEEE: tl.constexpr):
-        # fp32 inputs: IEEE products (the GPU default would be TF32, ~1e-3 relative error)
-        if IEEE:
-            return tl.dot(a, b, input_precision="ieee")
-        else:
-            return tl.dot(a, b)
+    from ._triton import LN2, LOG2E, dot
 
     @triton.jit
     def _tile(ptr, base, rows, row_ok, dims, D):
@@ -111,192 +114,211 @@ if triton is not None:
                  mask=row_ok[:, None] & (dims < D)[None, :])
 
     @triton.jit
+    def _load_pair(ptr, base, rows, row_ok, D, BLOCK_D: tl.constexpr, BLOCK_TAIL: tl.constexpr):
+        """(head, tail) tiles of rows of a contiguous [N, D] matrix at ptr + base; zeros outside."""
+        head = _tile(ptr, base, rows, row_ok, tl.arange(0, BLOCK_D), D)
+        if BLOCK_TAIL > 0:
+            return head, _tile(ptr, base, rows, row_ok, BLOCK_D + tl.arange(0, BLOCK_TAIL), D)
+        else:
+            return head, head
+
+    @triton.jit
+    def _load_two_pairs(ptr_a, ptr_b, base, rows, row_ok, D, BLOCK_D: tl.constexpr, BLOCK_TAIL: tl.constexpr):
+        """_load_pair of the same rows of two matrices: (a, a_tail, b, b_tail). Both head tiles load
+        first: loading one pair after the other compiles (sm_90, D = 80) to up to 6 more registers
+        per thread."""
+        dims = tl.arange(0, BLOCK_D)
+        a = _tile(ptr_a, base, rows, row_ok, dims, D)
+        b = _tile(ptr_b, base, rows, row_ok, dims, D)
+        if BLOCK_TAIL > 0:
+            dims_tail = BLOCK_D + tl.arange(0, BLOCK_TAIL)
+            return a, _tile(ptr_a, base, rows, row_ok, dims_tail, D), b, _tile(ptr_b, base, rows, row_ok, dims_tail, D)
+        else:
+            return a, a, b, b
+
+    @triton.jit
+    def _store_pair(ptr, base, rows, row_ok, D, x, x_tail, BLOCK_D: tl.constexpr, BLOCK_TAIL: tl.constexpr):
+        _store(ptr, base, rows, row_ok, tl.arange(0, BLOCK_D), D, x)
+        if BLOCK_TAIL > 0:
+            _store(ptr, base, rows, row_ok, BLOCK_D + tl.arange(0, BLOCK_TAIL), D, x_tail)
+
+    @triton.jit
+    def _zeros_pair(ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_TAIL: tl.constexpr):
+        """An fp32 accumulator pair for ROWS rows."""
+        head = tl.zeros([ROWS, BLOCK_D], tl.float32)
+        if BLOCK_TAIL > 0:
+            return head, tl.zeros([ROWS, BLOCK_TAIL], tl.float32)
+        else:
+            return head, head
+
+    @triton.jit
+    def _dot_nt(a, a_tail, b, b_tail, BLOCK_TAIL: tl.constexpr, IEEE: tl.constexpr):
+        """a b^T of two pairs, contracting over both parts of D: [rows of a, rows of b]."""
+        c = dot(a, tl.trans(b), IEEE)
+        if BLOCK_TAIL > 0:
+            c += dot(a_tail, tl.trans(b_tail), IEEE)
+        return c
+
+    @triton.jit
+    def _add_dot_pair(acc, acc_tail, a, b, b_tail, BLOCK_TAIL: tl.constexpr, IEEE: tl.constexpr):
+        """(acc, acc_tail) + a [b | b_tail], a cast to b's dtype (the tensor cores' input type)."""
+        acc += dot(a.to(b.dtype), b, IEEE)
+        if BLOCK_TAIL > 0:
+            acc_tail += dot(a.to(b.dtype), b_tail, IEEE)
+        return acc, acc_tail
+
+    @triton.jit
+    def _rescale_add_dot_pair(acc, acc_tail, alpha, a, b, b_tail, BLOCK_TAIL: tl.constexpr, IEEE: tl.constexpr):
+        """(acc, acc_tail) with row i times alpha[i] (the online softmax's rescaling), + a [b | b_tail]
+        with a cast to b's dtype."""
+        acc = acc * alpha[:, None] + dot(a.to(b.dtype), b, IEEE)
+        if BLOCK_TAIL > 0:
+            acc_tail = acc_tail * alpha[:, None] + dot(a.to(b.dtype), b_tail, IEEE)
+        return acc, acc_tail
+
+    @triton.jit
+    def _add_dv_dk_pair(dv, dv_tail, dk, dk_tail, p, ds, do, do_tail, q, q_tail,
+                        BLOCK_TAIL: tl.constexpr, IEEE: tl.constexpr):
+        """dV += P^T dO and dK += dS^T Q (tau applied at the store) of one query block, both pairs."""
+        dv += dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        dk += dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+        if BLOCK_TAIL > 0:
+            dv_tail += dot(tl.trans(p.to(do.dtype)), do_tail, IEEE)
+            dk_tail += dot(tl.trans(ds.to(q.dtype)), q_tail, IEEE)
+        return dv, dv_tail, dk, dk_tail
+
+    @triton.jit
+    def _add_dq_share(DQ_ACC, base, rows, row_ok, D, ds, k, k_tail, scale,
+                      BLOCK_D: tl.constexpr, BLOCK_TAIL: tl.constexpr, IEEE: tl.constexpr):
+        """Adds one key block's share tau dS K of dQ into the fp32 [N, D] buffer at DQ_ACC + base
+        (atomics: every key block adds into the same rows)."""
+        dims, row_off = tl.arange(0, BLOCK_D), base + rows[:, None] * D
+        dq = dot(ds.to(k.dtype), k, IEEE) * scale
+        tl.atomic_add(DQ_ACC + row_off + dims[None, :], dq, mask=row_ok[:, None] & (dims < D)[None, :])
+        if BLOCK_TAIL > 0:
+            dims_tail = BLOCK_D + tl.arange(0, BLOCK_TAIL)
+            dq_tail = dot(ds.to(k.dtype), k_tail, IEEE) * scale
+            tl.atomic_add(DQ_ACC + row_off + dims_tail[None, :], dq_tail,
+                          mask=row_ok[:, None] & (dims_tail < D)[None, :])
+
+    @triton.jit
     def _bwd_rows(LSE, DELTA, pid_bh, N, rows, row_ok):
         """The saved log-sum-exp (in log2 units) and delta = rowsum(dO o O) of a block of query rows."""
-        lse = tl.load(LSE + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse = tl.load(LSE + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + pid_bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
         return lse, delta
 
     @triton.jit
-    def _bwd_p_ds(q, k, v, do, q_t, k_t, v_t, do_t, lse, delta, ok, qk_scale,
-                  BLOCK_T: tl.constexpr, IEEE: tl.constexpr):
-        """P and dS = P o (dO V^T - delta) of one (query block, key block) pair, zero where not ok;
-        the tail tiles add their share when BLOCK_T > 0. Both backward kernels run this body."""
-        s = _dot(q, tl.trans(k), IEEE)
-        dp = _dot(do, tl.trans(v), IEEE)
-        if BLOCK_T > 0:
-            s += _dot(q_t, tl.trans(k_t), IEEE)
-            dp += _dot(do_t, tl.trans(v_t), IEEE)
+    def _bwd_p_ds(q, q_tail, k, k_tail, v, v_tail, do, do_tail, lse, delta, ok, qk_scale,
+                  BLOCK_TAIL: tl.constexpr, IEEE: tl.constexpr):
+        """P and dS = P o (dO V^T - delta) of one (query block, key block) pair, zero where not ok.
+        Both backward kernels run this body. Both head products come first (not _dot_nt for S,
+        then for dP): the order whose sm_90 compile bench/kernel_resources.py reports; the other
+        changes the dQ kernel's registers at D = 80 (162 -> 158)."""
+        s = dot(q, tl.trans(k), IEEE)
+        dp = dot(do, tl.trans(v), IEEE)
+        if BLOCK_TAIL > 0:
+            s += dot(q_tail, tl.trans(k_tail), IEEE)
+            dp += dot(do_tail, tl.trans(v_tail), IEEE)
         p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         return p, p * (dp - delta[:, None])
 
-    # Every kernel sees the head dimension as dims [0, BLOCK_D) ("head" tiles) and, when BLOCK_T > 0,
-    # dims [BLOCK_D, BLOCK_D + BLOCK_T) ("tail" tiles, names ending in _t); see _dim_blocks.
-
     @triton.jit
-    def _attn_fwd_kernel(Q, K, V, QD, KD, VD, O, OD, LSE, N, D, scale,
+    def _attn_fwd_kernel(Q, K, V, Q_DOT, K_DOT, V_DOT, O, O_DOT, LSE, N, D, scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_T: tl.constexpr, HAS_TANGENT: tl.constexpr, IEEE: tl.constexpr):
+                         BLOCK_TAIL: tl.constexpr, HAS_TANGENT: tl.constexpr, IEEE: tl.constexpr):
         pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
         base = pid_bh.to(tl.int64) * N * D
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
-        dims = tl.arange(0, BLOCK_D)
-        q = _tile(Q, base, rows, row_ok, dims, D)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if BLOCK_T > 0:
-            dims_t = BLOCK_D + tl.arange(0, BLOCK_T)
-            q_t = _tile(Q, base, rows, row_ok, dims_t, D)
-            acc_t = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
+        q, q_tail = _load_pair(Q, base, rows, row_ok, D, BLOCK_D, BLOCK_TAIL)
+        acc, acc_tail = _zeros_pair(BLOCK_M, BLOCK_D, BLOCK_TAIL)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         if HAS_TANGENT:
-            qd = _tile(QD, base, rows, row_ok, dims, D)
-            g = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)       # sum p s_dot v + p v_dot (one tile for both sums)
-            if BLOCK_T > 0:
-                qd_t = _tile(QD, base, rows, row_ok, dims_t, D)
-                g_t = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
+            q_dot, q_dot_tail = _load_pair(Q_DOT, base, rows, row_ok, D, BLOCK_D, BLOCK_TAIL)
+            g, g_tail = _zeros_pair(BLOCK_M, BLOCK_D, BLOCK_TAIL)     # sum p s_dot v + p v_dot (one pair for both)
             r_i = tl.zeros([BLOCK_M], tl.float32)
-        qk_scale = scale * 1.4426950408889634                   # log2(e): scores in the exp2 domain
+        qk_scale = scale * LOG2E                                      # scores in the exp2 domain
         for start in range(0, N, BLOCK_N):
             kv_rows = start + tl.arange(0, BLOCK_N)
             kv_ok = kv_rows < N
-            k = _tile(K, base, kv_rows, kv_ok, dims, D)
-            v = _tile(V, base, kv_rows, kv_ok, dims, D)
-            s = _dot(q, tl.trans(k), IEEE)
-            if BLOCK_T > 0:
-                k_t = _tile(K, base, kv_rows, kv_ok, dims_t, D)
-                v_t = _tile(V, base, kv_rows, kv_ok, dims_t, D)
-                s += _dot(q_t, tl.trans(k_t), IEEE)
+            k, k_tail, v, v_tail = _load_two_pairs(K, V, base, kv_rows, kv_ok, D, BLOCK_D, BLOCK_TAIL)
+            s = _dot_nt(q, q_tail, k, k_tail, BLOCK_TAIL, IEEE)
             s = tl.where(kv_ok[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-            if BLOCK_T > 0:
-                acc_t = acc_t * alpha[:, None] + _dot(p.to(v.dtype), v_t, IEEE)
+            acc, acc_tail = _rescale_add_dot_pair(acc, acc_tail, alpha, p, v, v_tail, BLOCK_TAIL, IEEE)
             if HAS_TANGENT:
-                kd = _tile(KD, base, kv_rows, kv_ok, dims, D)
-                vd = _tile(VD, base, kv_rows, kv_ok, dims, D)
-                sd = _dot(qd, tl.trans(k), IEEE) + _dot(q, tl.trans(kd), IEEE)
-                if BLOCK_T > 0:
-                    kd_t = _tile(KD, base, kv_rows, kv_ok, dims_t, D)
-                    vd_t = _tile(VD, base, kv_rows, kv_ok, dims_t, D)
-                    sd += _dot(qd_t, tl.trans(k_t), IEEE) + _dot(q_t, tl.trans(kd_t), IEEE)
-                psd = p * (sd * scale)                             # masked columns: p = 0
-                r_i = r_i * alpha + tl.sum(psd, 1)
-                g = g * alpha[:, None] + _dot(psd.to(v.dtype), v, IEEE) + _dot(p.to(vd.dtype), vd, IEEE)
-                if BLOCK_T > 0:
-                    g_t = g_t * alpha[:, None] + _dot(psd.to(v.dtype), v_t, IEEE) + _dot(p.to(vd.dtype), vd_t, IEEE)
+                k_dot, k_dot_tail, v_dot, v_dot_tail = _load_two_pairs(K_DOT, V_DOT, base, kv_rows, kv_ok, D, BLOCK_D,
+                                                                      BLOCK_TAIL)
+                s_dot = dot(q_dot, tl.trans(k), IEEE) + dot(q, tl.trans(k_dot), IEEE)    # summed head, then tail
+                if BLOCK_TAIL > 0:
+                    s_dot += dot(q_dot_tail, tl.trans(k_tail), IEEE) + dot(q_tail, tl.trans(k_dot_tail), IEEE)
+                p_s_dot = p * (s_dot * scale)                         # masked columns: p = 0
+                r_i = r_i * alpha + tl.sum(p_s_dot, 1)
+                g, g_tail = _rescale_add_dot_pair(g, g_tail, alpha, p_s_dot, v, v_tail, BLOCK_TAIL, IEEE)
+                g, g_tail = _add_dot_pair(g, g_tail, p, v_dot, v_dot_tail, BLOCK_TAIL, IEEE)
             m_i = m_new
-        o = acc / l_i[:, None]
-        _store(O, base, rows, row_ok, dims, D, o)
-        if BLOCK_T > 0:
-            o_t = acc_t / l_i[:, None]
-            _store(O, base, rows, row_ok, dims_t, D, o_t)
+        o, o_tail = acc / l_i[:, None], acc_tail / l_i[:, None]
+        _store_pair(O, base, rows, row_ok, D, o, o_tail, BLOCK_D, BLOCK_TAIL)
         # natural-log LSE of the scaled scores, [B, H, N] contiguous: the layout and base that
         # FA2's backward (aten::_scaled_dot_product_flash_attention_backward) reads
-        tl.store(LSE + pid_bh.to(tl.int64) * N + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+        tl.store(LSE + pid_bh.to(tl.int64) * N + rows, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
         if HAS_TANGENT:
-            _store(OD, base, rows, row_ok, dims, D, g / l_i[:, None] - (r_i / l_i)[:, None] * o)
-            if BLOCK_T > 0:
-                _store(OD, base, rows, row_ok, dims_t, D, g_t / l_i[:, None] - (r_i / l_i)[:, None] * o_t)
+            _store_pair(O_DOT, base, rows, row_ok, D, g / l_i[:, None] - (r_i / l_i)[:, None] * o,
+                        g_tail / l_i[:, None] - (r_i / l_i)[:, None] * o_tail, BLOCK_D, BLOCK_TAIL)
 
     @triton.jit
     def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, N, D, scale,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                              BLOCK_T: tl.constexpr, DQ_ATOMIC: tl.constexpr, IEEE: tl.constexpr):
+                              BLOCK_TAIL: tl.constexpr, DQ_ATOMIC: tl.constexpr, IEEE: tl.constexpr):
         """dK, dV of one [BLOCK_N] block of keys, looping over all query blocks. DQ_ATOMIC: also
         add this key block's share tau dS K of dQ into the fp32 buffer DQ_ACC (one-pass backward)."""
         pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
         base = pid_bh.to(tl.int64) * N * D
         kv_rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         kv_ok = kv_rows < N
-        dims = tl.arange(0, BLOCK_D)
-        k = _tile(K, base, kv_rows, kv_ok, dims, D)
-        v = _tile(V, base, kv_rows, kv_ok, dims, D)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        if BLOCK_T > 0:
-            dims_t = BLOCK_D + tl.arange(0, BLOCK_T)
-            k_t = _tile(K, base, kv_rows, kv_ok, dims_t, D)
-            v_t = _tile(V, base, kv_rows, kv_ok, dims_t, D)
-            dk_t = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
-            dv_t = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
-        else:                                              # placeholders: _bwd_p_ds ignores them
-            k_t, v_t = k, v
-        qk_scale = scale * 1.4426950408889634
+        k, k_tail, v, v_tail = _load_two_pairs(K, V, base, kv_rows, kv_ok, D, BLOCK_D, BLOCK_TAIL)
+        dk, dk_tail = _zeros_pair(BLOCK_N, BLOCK_D, BLOCK_TAIL)
+        dv, dv_tail = _zeros_pair(BLOCK_N, BLOCK_D, BLOCK_TAIL)
+        qk_scale = scale * LOG2E
         for start in range(0, N, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < N
-            q = _tile(Q, base, rows, row_ok, dims, D)
-            do = _tile(DO, base, rows, row_ok, dims, D)
-            if BLOCK_T > 0:
-                q_t = _tile(Q, base, rows, row_ok, dims_t, D)
-                do_t = _tile(DO, base, rows, row_ok, dims_t, D)
-            else:
-                q_t, do_t = q, do
+            q, q_tail, do, do_tail = _load_two_pairs(Q, DO, base, rows, row_ok, D, BLOCK_D, BLOCK_TAIL)
             lse, delta = _bwd_rows(LSE, DELTA, pid_bh, N, rows, row_ok)
-            p, ds = _bwd_p_ds(q, k, v, do, q_t, k_t, v_t, do_t, lse, delta, row_ok[:, None] & kv_ok[None, :],
-                              qk_scale, BLOCK_T, IEEE)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
-            if BLOCK_T > 0:
-                dv_t += _dot(tl.trans(p.to(do.dtype)), do_t, IEEE)
-                dk_t += _dot(tl.trans(ds.to(q.dtype)), q_t, IEEE)
+            p, ds = _bwd_p_ds(q, q_tail, k, k_tail, v, v_tail, do, do_tail, lse, delta,
+                              row_ok[:, None] & kv_ok[None, :], qk_scale, BLOCK_TAIL, IEEE)
+            dv, dv_tail, dk, dk_tail = _add_dv_dk_pair(dv, dv_tail, dk, dk_tail, p, ds, do, do_tail, q, q_tail,
+                                                       BLOCK_TAIL, IEEE)
             if DQ_ATOMIC:
-                acc_off = base + rows[:, None] * D
-                dq = _dot(ds.to(k.dtype), k, IEEE) * scale
-                tl.atomic_add(DQ_ACC + acc_off + dims[None, :], dq, mask=row_ok[:, None] & (dims < D)[None, :])
-                if BLOCK_T > 0:
-                    dq_t = _dot(ds.to(k.dtype), k_t, IEEE) * scale
-                    tl.atomic_add(DQ_ACC + acc_off + dims_t[None, :], dq_t,
-                                  mask=row_ok[:, None] & (dims_t < D)[None, :])
-        _store(DK, base, kv_rows, kv_ok, dims, D, dk * scale)
-        _store(DV, base, kv_rows, kv_ok, dims, D, dv)
-        if BLOCK_T > 0:
-            _store(DK, base, kv_rows, kv_ok, dims_t, D, dk_t * scale)
-            _store(DV, base, kv_rows, kv_ok, dims_t, D, dv_t)
+                _add_dq_share(DQ_ACC, base, rows, row_ok, D, ds, k, k_tail, scale, BLOCK_D, BLOCK_TAIL, IEEE)
+        _store_pair(DK, base, kv_rows, kv_ok, D, dk * scale, dk_tail * scale, BLOCK_D, BLOCK_TAIL)
+        _store_pair(DV, base, kv_rows, kv_ok, D, dv, dv_tail, BLOCK_D, BLOCK_TAIL)
 
     @triton.jit
     def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, N, D, scale,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                            BLOCK_T: tl.constexpr, IEEE: tl.constexpr):
+                            BLOCK_TAIL: tl.constexpr, IEEE: tl.constexpr):
         pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
         base = pid_bh.to(tl.int64) * N * D
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
-        dims = tl.arange(0, BLOCK_D)
-        q = _tile(Q, base, rows, row_ok, dims, D)
-        do = _tile(DO, base, rows, row_ok, dims, D)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if BLOCK_T > 0:
-            dims_t = BLOCK_D + tl.arange(0, BLOCK_T)
-            q_t = _tile(Q, base, rows, row_ok, dims_t, D)
-            do_t = _tile(DO, base, rows, row_ok, dims_t, D)
-            dq_t = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
-        else:                                              # placeholders: _bwd_p_ds ignores them
-            q_t, do_t = q, do
+        q, q_tail, do, do_tail = _load_two_pairs(Q, DO, base, rows, row_ok, D, BLOCK_D, BLOCK_TAIL)
+        dq, dq_tail = _zeros_pair(BLOCK_M, BLOCK_D, BLOCK_TAIL)
         lse, delta = _bwd_rows(LSE, DELTA, pid_bh, N, rows, row_ok)
-        qk_scale = scale * 1.4426950408889634
+        qk_scale = scale * LOG2E
         for start in range(0, N, BLOCK_N):
             kv_rows = start + tl.arange(0, BLOCK_N)
             kv_ok = kv_rows < N
-            k = _tile(K, base, kv_rows, kv_ok, dims, D)
-            v = _tile(V, base, kv_rows, kv_ok, dims, D)
-            if BLOCK_T > 0:
-                k_t = _tile(K, base, kv_rows, kv_ok, dims_t, D)
-                v_t = _tile(V, base, kv_rows, kv_ok, dims_t, D)
-            else:
-                k_t, v_t = k, v
-            p, ds = _bwd_p_ds(q, k, v, do, q_t, k_t, v_t, do_t, lse, delta, kv_ok[None, :], qk_scale, BLOCK_T, IEEE)
-            dq += _dot(ds.to(k.dtype), k, IEEE)
-            if BLOCK_T > 0:
-                dq_t += _dot(ds.to(k.dtype), k_t, IEEE)
-        _store(DQ, base, rows, row_ok, dims, D, dq * scale)
-        if BLOCK_T > 0:
-            _store(DQ, base, rows, row_ok, dims_t, D, dq_t * scale)
+            k, k_tail, v, v_tail = _load_two_pairs(K, V, base, kv_rows, kv_ok, D, BLOCK_D, BLOCK_TAIL)
+            p, ds = _bwd_p_ds(q, q_tail, k, k_tail, v, v_tail, do, do_tail, lse, delta, kv_ok[None, :], qk_scale,
+                              BLOCK_TAIL, IEEE)
+            dq, dq_tail = _add_dot_pair(dq, dq_tail, ds, k, k_tail, BLOCK_TAIL, IEEE)
+        _store_pair(DQ, base, rows, row_ok, D, dq * scale, dq_tail * scale, BLOCK_D, BLOCK_TAIL)
 
 
 # Tiles and warps per kernel: dict(BLOCK_M, BLOCK_N, num_warps); BLOCK_M is always the query tile
@@ -306,14 +328,14 @@ if triton is not None:
 #   forward+tangent at D = 64: 64 x 64, 4 warps: 225 registers (128 x 64 with 4 warps spills 1 KiB);
 #     at D = 80 the tail tiles need more: 64 x 32 (218 registers; 64 x 64 sits at 254).
 #   one-pass backward at D = 80: 4 warps spill 64 B, 8 warps fit (244 registers).
-#   fp32 (IEEE products: no tensor cores; only the tests run it): 32 x 32, 8 warps, 2 stages. At
-#     64 x 64 with 4 warps every fp32 launch spilled, 0.9-15 KiB per thread; now only forward+tangent
-#     does (3.2-6.0 KiB), every launch fits an A100's shared memory too, and the 15 fp32 launches of
-#     bench/kernel_resources.py compile in 27 s instead of 46 s (32 x 32 with 4 warps, 3 stages) on
-#     this project's 2-core CPU: compile time the GPU tests pay.
-# In the interpreter 32 x 32 (its cost is per tile op: N = 276, D = 80 runs forward + tangent and
-# both Triton backwards in 19 s instead of 80 s with 16 x 16, on this project's 2-core CPU; N = 36
-# still spans two ragged blocks).
+#   fp32 (IEEE products: no tensor cores; only the tests run it): 32 x 32, 8 warps, 2 stages. Only
+#     forward+tangent spills there (3.2-6.0 KiB per thread; at 64 x 64 with 4 warps every fp32 launch
+#     spills, 0.9-15 KiB), every launch fits an A100's shared memory, and the 15 fp32 launches of
+#     bench/kernel_resources.py compile in 27 s against 46 s with 32 x 32, 4 warps, 3 stages (2 CPU
+#     cores): compile time the GPU tests pay.
+# In the interpreter 32 x 32: its cost is per tile op, and N = 276, D = 80 runs forward + tangent and
+# both Triton backwards in 19 s against 80 s with 16 x 16 (2 CPU cores); N = 36 still spans two
+# ragged blocks.
 def _tiles(kind, D, dtype):
     """kind: "forward", "tangent" (forward+tangent), "backward" (both two-pass kernels) or "onepass"."""
     if interpreting():
@@ -326,7 +348,7 @@ def _tiles(kind, D, dtype):
 
 
 def _dim_blocks(D):
-    """(BLOCK_D, BLOCK_T): the head dimension as a power-of-two head tile (>= 16, tl.dot's minimum)
+    """(BLOCK_D, BLOCK_TAIL): the head dimension as a power-of-two head tile (>= 16, tl.dot's minimum)
     plus, when D is not a power of two, a power-of-two tail tile (0: none). 64 -> (64, 0),
     80 -> (64, 16), 96 -> (64, 32), 48 -> (32, 16), 8 -> (16, 0) masked."""
     if D > 128:
@@ -346,35 +368,35 @@ def _check(*ts):
                              f"{tuple(q.shape)} {q.dtype} vs {tuple(t.shape)} {t.dtype}")
 
 
-def _fwd(q, k, v, qd=None, kd=None, vd=None, tiles=None):
+def _fwd(q, k, v, q_dot=None, k_dot=None, v_dot=None, tiles=None):
     """(o, o_dot, lse); o_dot is o when no tangent is given. tiles: _tiles' dict, to override."""
     B, H, N, D = q.shape
-    tangent = qd is not None
+    tangent = q_dot is not None
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(q)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-    od = torch.empty_like(q) if tangent else o
+    o_dot = torch.empty_like(q) if tangent else o
     if tangent:
-        qd, kd, vd = qd.contiguous(), kd.contiguous(), vd.contiguous()
+        q_dot, k_dot, v_dot = q_dot.contiguous(), k_dot.contiguous(), v_dot.contiguous()
     else:
-        qd = kd = vd = q
+        q_dot = k_dot = v_dot = q
     tiles = tiles or _tiles("tangent" if tangent else "forward", D, q.dtype)
-    BD, BT = _dim_blocks(D)
+    block_d, block_tail = _dim_blocks(D)
     grid = (triton.cdiv(N, tiles["BLOCK_M"]), B * H)
-    _attn_fwd_kernel[grid](q, k, v, qd, kd, vd, o, od, lse, N, D, 1.0 / math.sqrt(D), BLOCK_D=BD, BLOCK_T=BT,
-                           HAS_TANGENT=tangent, IEEE=q.dtype == torch.float32, **tiles)
-    return o, od, lse
+    _attn_fwd_kernel[grid](q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, N, D, 1.0 / math.sqrt(D), BLOCK_D=block_d,
+                           BLOCK_TAIL=block_tail, HAS_TANGENT=tangent, IEEE=q.dtype == torch.float32, **tiles)
+    return o, o_dot, lse
 
 
 # ----------------------------------------------------------------------------- backward variants
-BACKWARDS = ("torch_flash", "triton", "triton_onepass")
+BACKWARDS = ("torch_flash", "triton", "triton_onepass")     # "triton_onepass": a candidate (module docstring)
 
 # The default backward. "torch_flash" is taken where FA2 supports the input (CUDA sm80+, fp16/bf16,
 # D % 8 == 0: pMF trains in bf16 at D = 64 and 80), "triton" everywhere else (fp32, the interpreter).
 # Why: the two-pass Triton backward measured 0.54x SDPA's backward at N = 276, D = 64 and 0.40x at
-# D = 80 (H200, torch 2.11), and FA2's backward is what SDPA's backward runs. This choice has
-# not been measured on a GPU yet: bench/bench_attention.py (test_backward) times every variant
-# against SDPA's backward in one run, and the fastest there must be the one named here.
+# D = 80 (H200, torch 2.11), and FA2's backward is what SDPA's backward runs. torch_flash itself
+# is unmeasured: bench/bench_attention.py::test_backward times every variant against SDPA's
+# backward in one run, and the fastest there must be the one named here.
 BACKWARD = "torch_flash"
 
 
@@ -424,8 +446,8 @@ def _bwd_triton(do, q, k, v, o, lse, onepass=False):
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if onepass else dk
     tiles = _tiles("onepass" if onepass else "backward", D, q.dtype)
-    BD, BT = _dim_blocks(D)
-    kw = dict(BLOCK_D=BD, BLOCK_T=BT, IEEE=q.dtype == torch.float32, **tiles)
+    block_d, block_tail = _dim_blocks(D)
+    kw = dict(BLOCK_D=block_d, BLOCK_TAIL=block_tail, IEEE=q.dtype == torch.float32, **tiles)
     scale = 1.0 / math.sqrt(D)
     _attn_bwd_dkdv_kernel[(triton.cdiv(N, tiles["BLOCK_N"]), B * H)](q, k, v, do, lse, delta, dk, dv, dq_acc,
                                                                      N, D, scale, DQ_ATOMIC=onepass, **kw)
@@ -468,8 +490,8 @@ def _attn_jvp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dot: t
                      k_dot: torch.Tensor, v_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_kernel(q):
         return _fwd(q, k, v, q_dot, k_dot, v_dot)
-    o, od = attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot)
-    return o.contiguous(), od.contiguous(), _lse_ref(q, k)
+    o, o_dot = attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot)
+    return o.contiguous(), o_dot.contiguous(), _lse_ref(q, k)
 
 
 @torch.library.custom_op("pmf_fast::attn_bwd", mutates_args=())
@@ -525,5 +547,5 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot):
     """(o, o_dot): attention and its tangent along (q_dot, k_dot, v_dot) in one pass.
     o is differentiable in q, k, v; o_dot is not (detached): it is stop-gradient in pMF's loss."""
     _check(q, k, v, q_dot, k_dot, v_dot)
-    o, od, _ = _attn_jvp_fwd_op(q, k, v, q_dot, k_dot, v_dot)
-    return o, od.detach()
+    o, o_dot, _ = _attn_jvp_fwd_op(q, k, v, q_dot, k_dot, v_dot)
+    return o, o_dot.detach()

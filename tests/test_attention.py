@@ -35,22 +35,22 @@ def make(shape, dtype, n=6):
 # the tangent's factor (3x the eager error in fp16/bf16) and its reason: pmf_fast/selftest.py TANGENT_FACTOR
 
 
-def jvp_ref64(q, k, v, qd, kd, vd):
+def jvp_ref64(q, k, v, q_dot, k_dot, v_dot):
     """torch.func.jvp of the eager attention in fp64: an independent tangent reference."""
     f = lambda a, b, c: attention_ref(a, b, c)
-    return torch.func.jvp(f, (q.double(), k.double(), v.double()), (qd.double(), kd.double(), vd.double()))
+    return torch.func.jvp(f, (q.double(), k.double(), v.double()), (q_dot.double(), k_dot.double(), v_dot.double()))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_forward_and_tangent(shape, dtype):
-    q, k, v, qd, kd, vd = make(shape, dtype)
-    o, od = attention_jvp(q, k, v, qd, kd, vd)
-    o64, od64 = jvp_ref64(q, k, v, qd, kd, vd)
-    eo, eod = attention_jvp_ref(q, k, v, qd, kd, vd)       # the eager path in the same dtype
-    assert o.dtype == od.dtype == dtype and o.shape == od.shape == q.shape
+    q, k, v, q_dot, k_dot, v_dot = make(shape, dtype)
+    o, o_dot = attention_jvp(q, k, v, q_dot, k_dot, v_dot)
+    o64, o_dot64 = jvp_ref64(q, k, v, q_dot, k_dot, v_dot)
+    eo, eo_dot = attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot)       # the eager path in the same dtype
+    assert o.dtype == o_dot.dtype == dtype and o.shape == o_dot.shape == q.shape
     assert_close_by_rule(o, o64, eo, "o")
-    assert_close_by_rule(od, od64, eod, "o_dot", factor=TANGENT_FACTOR[dtype])
+    assert_close_by_rule(o_dot, o_dot64, eo_dot, "o_dot", factor=TANGENT_FACTOR[dtype])
     assert_close_by_rule(attention(q, k, v), o64, attention_ref(q, k, v), "o (plain forward)")
 
 
@@ -58,15 +58,15 @@ def test_forward_and_tangent(shape, dtype):
 def test_zero_tangent_reproduces_plain_forward(dtype):
     q, k, v = make(SHAPES[0], dtype, 3)
     z = torch.zeros_like(q)
-    o, od = attention_jvp(q, k, v, z, z, z)
+    o, o_dot = attention_jvp(q, k, v, z, z, z)
     assert torch.equal(o, attention(q, k, v))
-    assert od.abs().max() == 0
+    assert o_dot.abs().max() == 0
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gradients(shape, dtype):
-    q, k, v, qd, kd, vd = make(shape, dtype)
+    q, k, v, q_dot, k_dot, v_dot = make(shape, dtype)
     do = torch.randn_like(q)
 
     def grads(fn, *xs):
@@ -78,7 +78,7 @@ def test_gradients(shape, dtype):
     g64 = grads(attention_ref, q.double(), k.double(), v.double())
     g_eager = grads(attention_ref, q, k, v)
     for name, fn in (("attention", attention),
-                     ("attention_jvp", lambda a, b, c: attention_jvp(a, b, c, qd, kd, vd))):
+                     ("attention_jvp", lambda a, b, c: attention_jvp(a, b, c, q_dot, k_dot, v_dot))):
         g = grads(fn, q, k, v)
         for gi, ri, ei, n in zip(g, g64, g_eager, "qkv"):
             assert_close_by_rule(gi, ri, ei, f"{name} d{n}")
@@ -184,12 +184,12 @@ def test_head_dim_split():
 def test_pmf_length_head_dim_80(dtype):
     """N = 276 (pMF's 20 + 256 tokens) at D = 80, batch 1: tangent and every gradient."""
     shape = (1, 1, 276, 80)
-    q, k, v, qd, kd, vd = make(shape, dtype)
-    o, od = attention_jvp(q, k, v, qd, kd, vd)
-    o64, od64 = jvp_ref64(q, k, v, qd, kd, vd)
-    eo, eod = attention_jvp_ref(q, k, v, qd, kd, vd)
+    q, k, v, q_dot, k_dot, v_dot = make(shape, dtype)
+    o, o_dot = attention_jvp(q, k, v, q_dot, k_dot, v_dot)
+    o64, o_dot64 = jvp_ref64(q, k, v, q_dot, k_dot, v_dot)
+    eo, eo_dot = attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot)
     assert_close_by_rule(o, o64, eo, "o")
-    assert_close_by_rule(od, od64, eod, "o_dot", factor=TANGENT_FACTOR[dtype])
+    assert_close_by_rule(o_dot, o_dot64, eo_dot, "o_dot", factor=TANGENT_FACTOR[dtype])
     (q, k, v, do), g64, g_eager = grads64_and_eager(shape, dtype)
     o, _, lse = _fwd(q, k, v)
     for variant in ("triton", "triton_onepass"):
@@ -198,9 +198,9 @@ def test_pmf_length_head_dim_80(dtype):
 
 
 def test_tangent_is_not_differentiable():
-    q, k, v, qd, kd, vd = (t.requires_grad_() for t in make(SHAPES[0], torch.float32))
-    o, od = attention_jvp(q, k, v, qd, kd, vd)
-    assert o.requires_grad and not od.requires_grad
+    q, k, v, q_dot, k_dot, v_dot = (t.requires_grad_() for t in make(SHAPES[0], torch.float32))
+    o, o_dot = attention_jvp(q, k, v, q_dot, k_dot, v_dot)
+    assert o.requires_grad and not o_dot.requires_grad
 
 
 def test_bad_inputs():
@@ -212,11 +212,11 @@ def test_bad_inputs():
 
 
 def test_compiles_fullgraph():
-    q, k, v, qd, kd, vd = make(SHAPES[0], torch.float32)
+    q, k, v, q_dot, k_dot, v_dot = make(SHAPES[0], torch.float32)
     fn = torch.compile(lambda *a: attention_jvp(*a), fullgraph=True, backend="aot_eager")
-    o, od = fn(q, k, v, qd, kd, vd)
-    eo, eod = attention_jvp(q, k, v, qd, kd, vd)
-    assert torch.allclose(o, eo, atol=1e-6) and torch.allclose(od, eod, atol=1e-6)
+    o, o_dot = fn(q, k, v, q_dot, k_dot, v_dot)
+    eo, eo_dot = attention_jvp(q, k, v, q_dot, k_dot, v_dot)
+    assert torch.allclose(o, eo, atol=1e-6) and torch.allclose(o_dot, eo_dot, atol=1e-6)
 
 
 def test_kernel_path_is_taken():
