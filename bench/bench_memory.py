@@ -94,6 +94,8 @@ def skip_unless_fits(preset, on_cpu):
     need, have = CPU_PEAK_GIB.get(preset, 1), ram_gib()
     if on_cpu and need > have:
         pytest.skip(f"{preset} needs about {need} GiB of memory on the CPU, {have:.1f} GiB available")
+
+
 GPU_GIB = 80
 
 

@@ -142,7 +142,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict) -> Config:
         cfg = cls(preset=d.get("preset", "custom"))
         for section in ("model", "objective", "optim", "train", "sample"):
             for k, v in d.get(section, {}).items():

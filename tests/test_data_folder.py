@@ -52,7 +52,7 @@ def folder(tmp_path_factory):
     Image.fromarray(good).convert("CMYK").save(odd / "cmyk.jpg")
     Image.fromarray(good).convert("RGBA").save(odd / "alpha.png")
     Image.fromarray(good).convert("P").save(odd / "palette.png")
-    Image.fromarray((good[..., 0].astype(np.uint16) * 257)).save(odd / "deep.png")
+    Image.fromarray(good[..., 0].astype(np.uint16) * 257).save(odd / "deep.png")
     (odd / "README.txt").write_text("not an image either")
     return root
 

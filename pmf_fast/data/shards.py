@@ -59,7 +59,7 @@ def default_shard_size(image_size):
 
 def npy_header(n, size):
     """The .npy (version 1.0) header of uint8 [n, size, size, 3], padded to HEADER bytes."""
-    d = "{'descr': '|u1', 'fortran_order': False, 'shape': (%d, %d, %d, 3), }" % (n, size, size)
+    d = f"{{'descr': '|u1', 'fortran_order': False, 'shape': ({n}, {size}, {size}, 3), }}"
     d = d.ljust(HEADER - 11) + "\n"
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(d)) + d.encode("latin1")
 
