@@ -64,8 +64,9 @@ def test_a_failed_start_leaves_nothing_and_the_same_command_then_works(tmp_path,
     train.out_dir it created) go again, and the command with the cause fixed trains in the same place."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
     out = tmp_path / "out" / "runs"
+    # batch 2: LPIPS runs VGG16 at 224 px, so the one step took 20 s at batch 8, 8 s at 2 (2 shared cores)
     cmd = [*BASE, "--name", "first", f"train.out_dir={out}", "objective.lpips_weight=0.4",
-           "objective.convnext_weight=0", "train.steps=1", "train.sample_every=0"]
+           "objective.convnext_weight=0", "train.steps=1", "train.sample_every=0", "train.batch_size=2"]
     with pytest.raises(FileNotFoundError, match="weights not found"):
         train.main(cmd + ["objective.perceptual_weights=pretrained"])
     assert not (tmp_path / "out").exists()

@@ -82,7 +82,6 @@ def _slow_prepare(src, dst):
     return proc, _children(proc.pid)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C", "SIGKILL"])
 def test_a_stopped_prepare_leaves_no_worker_and_resumes_identically(photos, tmp_path, how):
     src, ref = photos
@@ -230,7 +229,6 @@ def _failing_rank(rank, world, init_file, src, dst, out_dir, where):
         json.dump(error, f)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("where", ["source", "shards"])
 def test_a_failing_rank_stops_the_others_with_its_line(photos, tmp_path, where):
     src, dst = photos[0], str(tmp_path / "dst")

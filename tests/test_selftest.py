@@ -15,7 +15,6 @@ from pmf_fast import selftest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
 def test_selftest_passes_as_a_user_runs_it(tmp_path):
     out = tmp_path / "selftest.json"
     proc = subprocess.run([sys.executable, "-m", "pmf_fast.selftest", "--json", str(out)], cwd=ROOT,
