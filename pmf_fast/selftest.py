@@ -113,18 +113,18 @@ def _grads(fn, xs, dy):
 def check_attention(c, shape, dtype, dev):
     """attention_jvp's o and o_dot, attention's o, and the gradients autograd runs in training."""
     import pmf_fast.kernels.attention as A
-    q, k, v, qd, kd, vd = (torch.randn(shape, device=dev, dtype=torch.float64).to(dtype) for _ in range(6))
+    q, k, v, q_dot, k_dot, v_dot = (torch.randn(shape, device=dev, dtype=torch.float64).to(dtype) for _ in range(6))
     name = f"attention {tuple(shape)} {_dt(dtype)}"
-    o, od = A.attention_jvp(q, k, v, qd, kd, vd)
-    o64, od64 = torch.func.jvp(A.attention_ref, (q.double(), k.double(), v.double()),
-                               (qd.double(), kd.double(), vd.double()))
-    eo, eod = A.attention_jvp_ref(q, k, v, qd, kd, vd)
+    o, o_dot = A.attention_jvp(q, k, v, q_dot, k_dot, v_dot)
+    o64, o_dot64 = torch.func.jvp(A.attention_ref, (q.double(), k.double(), v.double()),
+                                  (q_dot.double(), k_dot.double(), v_dot.double()))
+    eo, e_o_dot = A.attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot)
     c.compare(f"{name} o", o, o64, eo)
-    c.compare(f"{name} o_dot", od, od64, eod, factor=TANGENT_FACTOR[dtype])
+    c.compare(f"{name} o_dot", o_dot, o_dot64, e_o_dot, factor=TANGENT_FACTOR[dtype])
     c.compare(f"{name} o (plain forward)", A.attention(q, k, v), o64, eo)
     do = torch.randn_like(q)
     g64, ge = _grads(A.attention_ref, (q.double(), k.double(), v.double()), do), _grads(A.attention_ref, (q, k, v), do)
-    g = _grads(lambda a, b, d: A.attention_jvp(a, b, d, qd, kd, vd), (q, k, v), do)
+    g = _grads(lambda a, b, d: A.attention_jvp(a, b, d, q_dot, k_dot, v_dot), (q, k, v), do)
     for gi, ri, ei, n in zip(g, g64, ge, "qkv"):
         c.compare(f"{name} d{n} ({A.default_backward(q)} backward)", gi, ri, ei)
 
