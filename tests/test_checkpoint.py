@@ -59,10 +59,10 @@ def test_clean_temporaries_removes_dead_writers_only(tmp_path):
 def test_remove_stale_temporaries_after_a_kill(tmp_path):
     run = str(tmp_path)
     save_checkpoint(run, 1, state(1))
-    code = ("import os, torch, sys; sys.path.insert(0, %r)\n"
+    code = (f"import os, torch, sys; sys.path.insert(0, {os.getcwd()!r})\n"
             "from pmf_fast.checkpoint import save_checkpoint\n"
             "torch.save = lambda obj, f: (f.write(os.urandom(1000)), f.flush(), os.kill(os.getpid(), 9))\n"
-            "save_checkpoint(%r, 2, {})\n") % (os.getcwd(), run)
+            f"save_checkpoint({run!r}, 2, {{}})\n")
     assert subprocess.run([sys.executable, "-c", code]).returncode == -9
     left = [n for n in os.listdir(run) if ".tmp." in n]
     assert len(left) == 1 and left[0].startswith("ckpt_00000002.pt.tmp.")      # what a kill -9 leaves

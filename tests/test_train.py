@@ -77,6 +77,8 @@ def test_corrupt_newest_checkpoint_falls_back_and_nothing_is_lost(tmp_path, caps
 
 
 def test_sample_cli_ours_and_official_layout(tmp_path):
+    """sample.py on a checkpoint train.py wrote (end to end: conftest's sample_ckpt is written by
+    save_checkpoint directly, for the sample and eval tests), then on the official layout."""
     d = run(tmp_path, "s", "train.steps=2")
     ckpt = list_checkpoints(d)[-1][1]
     out = tmp_path / "s.npz"
