@@ -14,6 +14,10 @@ kernels.attention._tiles should choose.
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.runtime.errors import OutOfResources
+
+from bench.common import SMOKE, device, record, time_ms
 from pmf_fast.kernels.attention import (
     BACKWARDS,
     _fwd,
@@ -25,10 +29,6 @@ from pmf_fast.kernels.attention import (
     attention_ref,
     default_backward,
 )
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.runtime.errors import OutOfResources
-
-from bench.common import SMOKE, device, record, time_ms
 
 SHAPES = [(2, 2, 36, 80)] if SMOKE else [(128, h, 276, d) for h, d in ((12, 64), (16, 80))]
 DTYPE = torch.float32 if SMOKE else torch.bfloat16

@@ -8,10 +8,10 @@ runs, replaces the compiled reference in Muon (at >= 1.3x; the last measurement 
 kernels/newton_schulz.py).
 """
 import torch
-from pmf_fast.kernels.newton_schulz import NS_COEFFICIENTS, newton_schulz, newton_schulz_ref
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 from bench.common import SMOKE, device, record, time_ms
+from pmf_fast.kernels.newton_schulz import NS_COEFFICIENTS, newton_schulz, newton_schulz_ref
 from pmf_fast.selftest import muon_batches
 
 

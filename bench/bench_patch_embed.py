@@ -7,9 +7,9 @@ that decides whether the primal-only patch_embed (a candidate: training never ru
 import pytest
 import torch
 import torch.nn.functional as F
-from pmf_fast.kernels.patch_embed import patch_embed, patch_embed_jvp
 
 from bench.common import SMOKE, device, record, time_ms
+from pmf_fast.kernels.patch_embed import patch_embed, patch_embed_jvp
 
 # (B, image, patch, r, D): pMF-B/16 and H/16 at 128 / 256 images, pMF-B/32
 CASES = [(2, 12, 4, 16, 40)] if SMOKE else [(128, 256, 16, 128, 768), (256, 256, 16, 128, 768),

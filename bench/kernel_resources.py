@@ -30,10 +30,11 @@ import subprocess
 import tempfile
 import typing
 
+import torch
+
 import pmf_fast.kernels.attention as attention
 import pmf_fast.kernels.newton_schulz as newton_schulz
 import pmf_fast.kernels.patch_embed as patch_embed
-import torch
 
 try:
     import triton

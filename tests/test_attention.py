@@ -3,6 +3,7 @@ On CPU the Triton kernels run in the interpreter (fp32 and fp16, tiny shapes; bf
 broken there); the full pMF shapes in bf16 run on a GPU."""
 import pytest
 import torch
+
 from pmf_fast.kernels.attention import (
     BACKWARDS,
     _dim_blocks,
@@ -14,7 +15,6 @@ from pmf_fast.kernels.attention import (
     attention_ref,
     default_backward,
 )
-
 from pmf_fast.selftest import TANGENT_FACTOR
 from tests.helpers import assert_close_by_rule
 
@@ -136,8 +136,9 @@ def test_torch_flash_backward_call_fits_this_torch(D):
     schema) is accepted by the installed torch, on any machine: fake CUDA tensors run the op's shape
     function instead of FA2. v and dO come strided, as the model passes them (transposes of
     [B, N, H, D]); the op's own flash forward declares the LSE layout that we store."""
-    from pmf_fast.kernels.attention import _bwd_torch_flash
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pmf_fast.kernels.attention import _bwd_torch_flash
     B, H, N = 2, 3, 276
     with FakeTensorMode():
         q, k, o = (torch.empty(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))

@@ -141,9 +141,8 @@ def test_presets_match_the_paper(preset):
 
 
 def test_one_home_for_the_newton_schulz_coefficients():
-    from pmf_fast.kernels.newton_schulz import NS_COEFFICIENTS
-
     from pmf_fast.config import OptimConfig
+    from pmf_fast.kernels.newton_schulz import NS_COEFFICIENTS
     assert OptimConfig().ns_coefficients is NS_COEFFICIENTS
 
 

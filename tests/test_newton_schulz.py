@@ -1,7 +1,8 @@
 import pytest
 import torch
-from pmf_fast.kernels.newton_schulz import NS_COEFFICIENTS, newton_schulz_ref
 from torch.optim._muon import _zeropower_via_newtonschulz
+
+from pmf_fast.kernels.newton_schulz import NS_COEFFICIENTS, newton_schulz_ref
 
 GPU = torch.cuda.is_available()
 
@@ -53,7 +54,6 @@ def test_kernel_matches_reference(shape):
     """The symmetric Triton kernels against the fp64 reference, within 2x the eager error in the
     same dtype (fp32 in the interpreter, bf16 on a GPU)."""
     from pmf_fast.kernels.newton_schulz import newton_schulz
-
     from tests.helpers import assert_close_by_rule
     G = torch.randn(*shape, device=DEV)
     dtype = torch.bfloat16 if GPU else torch.float32

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from pmf_fast.kernels.newton_schulz import newton_schulz_ref
 
 from pmf_fast.config import OptimConfig, get_config
+from pmf_fast.kernels.newton_schulz import newton_schulz_ref
 from pmf_fast.model import PMFDiT
 from pmf_fast.optimizers import (
     Muon,

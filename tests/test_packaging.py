@@ -33,3 +33,15 @@ def test_the_wheel_installs_only_pmf_fast_and_its_kernels_import(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(tmp_path / "site" / "pmf_fast" / "kernels" / "attention.py")
+
+
+def test_a_checkout_imports_its_own_kernels(tmp_path):
+    """Run from a checkout, pmf_fast.kernels is the kernels/ beside that checkout's pmf_fast/, not the
+    folder an editable install of another checkout (or of none) maps it to."""
+    for name in ("pmf_fast", "kernels"):
+        shutil.copytree(os.path.join(ROOT, name), tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import pmf_fast, pmf_fast.kernels.attention as a, pmf_fast.layers; print(pmf_fast.__file__, a.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(tmp_path / "pmf_fast" / "__init__.py"),
+                                  str(tmp_path / "kernels" / "attention.py")]

@@ -1,8 +1,8 @@
 """Fused patch embedding against the two convolutions: values, tangents, weight gradients."""
 import pytest
 import torch
-from pmf_fast.kernels.patch_embed import patch_embed, patch_embed_jvp, patch_embed_ref
 
+from pmf_fast.kernels.patch_embed import patch_embed, patch_embed_jvp, patch_embed_ref
 from pmf_fast.layers import BottleneckPatchEmbedder
 from tests.helpers import assert_close_by_rule
 

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from pmf_fast.kernels import attention, patch_embed
 
 from pmf_fast import selftest
+from pmf_fast.kernels import attention, patch_embed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -267,7 +267,6 @@ def test_attention_fallback_gradients_equal_the_reference(monkeypatch):
     """Without a GPU or TRITON_INTERPRET the attention ops run their eager fallback; its backward
     (by hand: autograd is off inside a custom op) meets the 2x rule against fp64 autograd."""
     from pmf_fast.kernels import attention as A
-
     from tests.helpers import assert_close_by_rule
     monkeypatch.setattr(A, "use_kernel", lambda t: False)
     q, k, v, do = (torch.randn(2, 3, 37, 24) for _ in range(4))
