@@ -15,6 +15,7 @@ resumes the run in runs/<name> from its newest checkpoint. SIGTERM or Ctrl-C: th
 a checkpoint is written, exit 0.
 """
 import argparse
+import contextlib
 import errno
 import os
 import sys
@@ -61,9 +62,11 @@ def main(argv=None):
 
     # ------------------------------------------------------------ the run, found, checked and claimed before any write
     run = Run(args.preset, args.name, args.resume, overrides, rank, say)
-    stopper = log = None
-    ended = False                                    # the run ended without an error: the ranks wait for each other
-    try:
+    ended = False                                    # every rank got to the end: they wait for each other there
+    with contextlib.ExitStack() as cleanup:          # however main ends: these in reverse, each even if one fails
+        cleanup.callback(torch.set_num_threads, threads)
+        cleanup.callback(run.close)                  # the lock goes after every rank is done (the barrier below)
+        cleanup.callback(lambda: dist.cleanup(wait=ended))
         cfg, m, o, tc = run.cfg, run.cfg.model, run.cfg.objective, run.cfg.train
         if run.stage == "done":
             run.say_done(is_main)
@@ -85,6 +88,7 @@ def main(argv=None):
         steps = tc.steps or tc.epochs * (n_images // tc.batch_size)
         run.make_dir(is_main)
         log = Log(run.dir, is_main, tc.tensorboard, progress_bar(steps, is_main))
+        cleanup.callback(log.close)
         log(f"run {run.dir}: {cfg.preset}, {n_images} images, {n_classes} classes, {steps} steps of "
             f"{tc.batch_size} ({world} ranks, {device.type}, {'bf16' if bf16 else 'fp32'}, impl {impl}, "
             f"{tc.parallel if world > 1 else 'one rank'}, blocks {'compiled' if compiled else 'eager'}, "
@@ -114,6 +118,7 @@ def main(argv=None):
 
         # ------------------------------------------------------------ training loop
         stopper, meter = Stopper(tc, state, device, log, run.lock), Meter(tc.batch_size)
+        cleanup.callback(stopper.close)              # the signal handlers go
         tuner = cpu_threads(tc.cpu_threads, device, log)
         params = [p for p in model.parameters() if p.requires_grad]
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -168,25 +173,18 @@ def main(argv=None):
             if tuner and (log_step or ckpt_step or sampling.due(state.step)):
                 tuner.pause()                        # that step's time was not all training
 
-        end_of_run(stopper, state, sampling, log)
-        ended = True
+        stopped = end_of_run(stopper, state, sampling, log)
+        ended = True                                 # an agreed stop too: every rank raises it together
+        if stopped is not None:
+            raise stopped
         return run.dir
-    finally:                                         # however main ends: the signal handlers go, the lock too
-        if stopper is not None:
-            stopper.close()
-        if log is not None:
-            log.close()
-        try:
-            dist.cleanup(wait=ended)
-        finally:
-            run.close()                              # after every rank is done (the barrier): then the lock goes
-            torch.set_num_threads(threads)
 
 
 def end_of_run(stopper, state, sampling, log):
-    """Say why the loop ended; after a complete run, the final samples, the digits judge and end.json."""
+    """Say why the loop ended; after a complete run, the final samples, the digits judge and end.json.
+    Returns the error of a stop every rank agreed on (a lost lock, a bad loss), for main to raise."""
     if stopper.lock_lost:
-        raise RunBusy(f"stopped at step {state.step}: {stopper.reason}: another run took over {log.run_dir}; "
+        return RunBusy(f"stopped at step {state.step}: {stopper.reason}: another run took over {log.run_dir}; "
                       "this run wrote nothing more there. Let that run finish, or stop it and run this command "
                       "again to continue from the newest checkpoint")
     if stopper.nonfinite:
@@ -194,14 +192,15 @@ def end_of_run(stopper, state, sampling, log):
                 "set train.nonfinite=skip to skip such steps")
         log(f"stopped at step {state.step}: {stopper.reason}; no checkpoint was written after the loss went bad "
             f"({hint})")
-        raise FloatingPointError(f"{stopper.reason} at step {state.step}")
+        return FloatingPointError(f"{stopper.reason} at step {state.step}")
     if stopper.reason and not state.finished:
         log(f"stopped at step {state.step} ({stopper.reason}); checkpoint written: run the same command to continue")
-        return
+        return None
     log(f"trained {state.step} steps in {time.time() - stopper.t_start:.0f} s"
         + (f" ({stopper.reason})" if stopper.reason else ""))
     sampling.final(state.step, time.time() - stopper.t_start)
     log.write_json(END, {"step": state.step})           # last: a run killed before this completes its end stage
+    return None
 
 
 def check_fits(m, tc, world):
