@@ -69,6 +69,7 @@ def measure(preset, variant, batch, steps=8):
         _COMPILED["preset"] = preset
     torch.manual_seed(0)
     model = PMFDiT(m).to(dev).set_impl(impl)
+    # each variant names its own compile (train.py's comes from dist.step_settings: fast on CUDA compiles);
     # the CPU smoke run skips compiling (tests/test_compile.py covers it)
     step_model = parallelize(model, compile=variant != "kernels" and impl == "fast" and not SMOKE,
                              device=torch.device(dev))

@@ -15,10 +15,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-# The agreed set-up steps and every gather of Python objects (stops, saves, resumes) run on a CPU
-# (gloo) group of their own, with a timeout long enough for a step one rank takes while the others
-# wait: rank 0 computing the FID reference of ImageNet's 1.28 M images, an ImageFolder scan. On the
-# default NCCL group they would end at its 10-minute collective timeout.
+# The agreed set-up steps and the small gathers of Python objects (all_gather_objects: stops, saves,
+# resumes) run on a CPU (gloo) group of their own, with a timeout long enough for a step one rank
+# takes while the others wait: rank 0 computing the FID reference of ImageNet's 1.28 M images, an
+# ImageFolder scan. On the default NCCL group they would end at its 10-minute collective timeout.
+# Across nodes gloo needs a routable interface, as NCCL does (GLOO_SOCKET_IFNAME, docs/multinode.md).
 OBJECTS_TIMEOUT = datetime.timedelta(hours=2)
 _objects_group = None                       # made by setup(); None: the default group (a test's own gloo group)
 

@@ -1,5 +1,5 @@
 """Helpers the tests import (fixtures and hooks live in conftest.py), so that no test module imports
-another: the tolerance rule of DESIGN.md, whose one home is the package's self-test, and the test
+another: the tolerance rule (docs/testing.md), whose one home is the package's self-test, and the test
 model's wake-up; a few optimizer steps on one process or on a slice of the batch per rank; train.main
 on spawned ranks; train.py processes (torchrun) with their logs, killed at the end; a stand-in for
 Inception."""

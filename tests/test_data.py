@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,43 @@ def test_flip_is_optional_seeded_and_mirrors():
     same = [(b[i] == a[i]).all().item() for i in range(32)]
     mirrored = [(b[i] == a[i].flip(-1)).all().item() for i in range(32)]
     assert all(s or m for s, m in zip(same, mirrored)) and 4 < sum(mirrored) < 28
+
+
+def _loader_on_two_ranks(rank, world, init_file, folder, out_dir):
+    """make_loader where rank 0 sees a prepared dataset at train.data and rank 1 an image folder."""
+    import datetime
+    import json
+
+    import torch.distributed as dist
+
+    import pmf_fast.data as D
+    if rank == 0:
+        D.is_prepared = lambda path: True
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))       # a rank left waiting fails within a minute
+    try:
+        D.make_loader(folder, image_size=16, batch_per_rank=2, rank=rank, world_size=world, log=lambda s: None)
+        outcome = "ok"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+    dist.destroy_process_group()
+
+
+def test_ranks_that_see_different_kinds_of_data_stop_together(tmp_path):
+    """A prepared dataset on one node and a plain folder at the same path on another would send the
+    ranks down branches with different gathers: both stop at once with one line naming the ranks."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tests.photos import photo_folder
+    folder = str(photo_folder(tmp_path / "src", per_class=2))
+    mp.start_processes(_loader_on_two_ranks, args=(2, str(tmp_path / "init"), folder, str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    for r in range(2):
+        got = json.load(open(tmp_path / f"rank{r}.json"))
+        assert got == (f"ValueError: train.data={folder} differs between the ranks (ranks [0] see a prepared "
+                       "dataset; ranks [1] see an image folder): put it on storage every node sees, the same on all "
+                       "of them"), got

@@ -15,9 +15,7 @@ import sample
 from pmf_fast import eval as E
 from pmf_fast.judge import spread
 from pmf_fast.model import ours_to_official
-from tests.helpers import RandomExtractor
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, RandomExtractor
 
 
 def test_fid_closed_forms():

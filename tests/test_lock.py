@@ -80,7 +80,7 @@ def test_lock_holder_stops_beating_when_taken_over(tmp_path):
     d = str(tmp_path / "run")
     lock = RunLock(d, heartbeat_s=0.05).acquire()
     write_lock(d, host="node-b", pid=1)                  # judged gone (e.g. paused past the timeout) and taken
-    time.sleep(0.3)
+    lock._thread.join(10)                                # its next heartbeat sees the take-over and stops
     assert json.load(open(os.path.join(d, LOCK)))["host"] == "node-b" and not lock._thread.is_alive()
     lock.release()
     assert json.load(open(os.path.join(d, LOCK)))["host"] == "node-b"     # not ours: left alone

@@ -13,8 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 import sample
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 def one_line_error(argv):

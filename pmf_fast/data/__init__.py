@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from ..dist import all_gather_objects
 from .batches import ShardedBatches, mirror, mirror_mask  # noqa: F401 (mirror_mask: the data's public names)
 from .dali import HAVE_DALI, DaliLoader
 from .digits import load_digits_split
@@ -61,6 +62,13 @@ def make_loader(data, *, image_size, batch_per_rank, rank=0, world_size=1, seed=
     micro: micro-batches per rank (ShardedBatches; DALI's readers shard by rank, so there micro-batches
     are slices of the rank's batch, not a world_size * micro-rank run's images).
     Returns (loader, dataset size, num_classes)."""
+    # the ranks must take the same branch: each has its own gathers (a folder's scan), or none
+    kind = "digits" if data == "digits" else "a prepared dataset" if is_prepared(data) else "an image folder"
+    kinds = all_gather_objects(kind)
+    if len(set(kinds)) > 1:
+        seen = "; ".join(f"ranks {[r for r, k in enumerate(kinds) if k == x]} see {x}" for x in sorted(set(kinds)))
+        raise ValueError(f"train.data={data} differs between the ranks ({seen}): put it on storage every node sees, "
+                         "the same on all of them")
     if data == "digits":
         (x, y), _ = load_digits_split(image_size)
         batches = ShardedBatches(len(y), batch_per_rank, rank, world_size, seed, micro)

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from ..log import rank_zero
 from .check import scan_images
 from .folder import scan_folder
 
@@ -52,8 +53,7 @@ def prepare(a):
             import torch.distributed as dist
             dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))   # ranks finish hours apart
         try:
-            run(a.src, a.dst, a.image_size, a.shard_size, a.workers, rank, world, log=print if rank == 0 else
-                (lambda s: None))
+            run(a.src, a.dst, a.image_size, a.shard_size, a.workers, rank, world, log=rank_zero(rank == 0))
         finally:
             if world > 1:
                 dist.destroy_process_group()
