@@ -41,8 +41,8 @@ def _dst_error(e, dst):
     if e.errno == errno.ENOSPC:
         return NoSpace(f"no space left on {dst}")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and str(e.filename or "").startswith(dst):
-        return shards.PreparedError(f"cannot write to {dst} ({e.strerror}: {e.filename}): choose a DST this user can "
-                               "write to, or give it write permission, and run the same command again")
+        return shards.PreparedError(f"cannot write to {dst} ({e.strerror}: {e.filename}): choose a DST this user "
+                                    "can write to, or give it write permission, and run the same command again")
     return e
 
 
@@ -273,8 +273,9 @@ def _write_manifest(dst, plan, n_shards):
     for k in range(n_shards):
         rec = _record(dst, k, plan["image_size"])
         if rec is None:
-            raise shards.PreparedError(f"{dst}: {shards.shard_name(k)} is missing or damaged after every rank finished "
-                                  "(is DST on a file system that every node sees?); run the same command again")
+            raise shards.PreparedError(f"{dst}: {shards.shard_name(k)} is missing or damaged after every rank "
+                                       "finished (is DST on a file system that every node sees?); run the same "
+                                       "command again")
         records.append(rec)
     labels = np.array([y for r in records for y in r["labels"]], dtype=np.int64)
     atomic_write(os.path.join(dst, shards.LABELS), lambda f: np.save(f, labels))
