@@ -62,12 +62,13 @@ def _alive(pid):
 
 
 def _slow_prepare(src, dst):
-    """prepare in a new process group with 2 workers, each file slowed to 0.3 s (so there is time to
-    stop it); returns (the process, its 2 worker pids)."""
+    """prepare in a new process group with 2 workers, each file slowed to 1 s (so that it is still
+    running when the test stops it, 1 s after the workers start, on a loaded machine too: at 0.3 s
+    a whole prepare of the photos once finished first); returns (the process, its 2 worker pids)."""
     code = ("import sys, time\n"
             "import pmf_fast.data.prepare as p\n"
             "real = p.inspect_image\n"
-            "p.inspect_image = lambda path: (time.sleep(0.3), real(path))[1]\n"
+            "p.inspect_image = lambda path: (time.sleep(1.0), real(path))[1]\n"
             "from pmf_fast.data.__main__ import main\n"
             f"sys.exit(main(['prepare', {src!r}, {dst!r}, '--image-size', '{SIZE}', '--shard-size', '{SHARD}', "
             "'--workers', '2']))\n")
