@@ -300,3 +300,15 @@ class RandomExtractor:
     def __call__(self, x):
         h = torch.relu(torch.nn.functional.conv2d(x.float() / 127.5 - 1, self.conv, stride=2)).mean((2, 3))
         return h.double().numpy(), (h @ self.head).double().numpy()
+
+
+def write_outcome(out_dir, rank, fn):
+    """On a spawned rank: run fn and write what came of it to out_dir/rank<rank>.json, "ok" or the
+    exception's type and line, for the test process to compare across ranks."""
+    try:
+        fn()
+        outcome = "ok"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(outcome, f)

@@ -1,5 +1,3 @@
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -89,22 +87,17 @@ def test_flip_is_optional_seeded_and_mirrors():
 def _loader_on_two_ranks(rank, world, init_file, folder, out_dir):
     """make_loader where rank 0 sees a prepared dataset at train.data and rank 1 an image folder."""
     import datetime
-    import json
 
     import torch.distributed as dist
 
     import pmf_fast.data as D
+    from tests.helpers import write_outcome
     if rank == 0:
         D.is_prepared = lambda path: True
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))       # a rank left waiting fails within a minute
-    try:
-        D.make_loader(folder, image_size=16, batch_per_rank=2, rank=rank, world_size=world, log=lambda s: None)
-        outcome = "ok"
-    except Exception as e:
-        outcome = f"{type(e).__name__}: {e}"
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(outcome, f)
+    write_outcome(out_dir, rank, lambda: D.make_loader(folder, image_size=16, batch_per_rank=2, rank=rank,
+                                                       world_size=world, log=lambda s: None))
     dist.destroy_process_group()
 
 

@@ -285,6 +285,7 @@ def _scan_on_two_ranks(rank, world, init_file, src, out_dir, failing):
     import torch.distributed as dist
 
     from pmf_fast.data import check, folder
+    from tests.helpers import write_outcome
     os.environ["PMF_CACHE"] = os.path.join(out_dir, f"cache{rank}")
     if rank == 1 and failing == "listing":
         folder.scan_folder = lambda root: (_ for _ in ()).throw(ValueError(f"{root} is not mounted on this node"))
@@ -293,13 +294,7 @@ def _scan_on_two_ranks(rank, world, init_file, src, out_dir, failing):
     # a short timeout: a rank left waiting fails the test within a minute instead of hanging it
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=__import__("datetime").timedelta(seconds=60))
-    try:
-        folder.usable_images(src, workers=1)
-        outcome = "ok"
-    except Exception as e:
-        outcome = f"{type(e).__name__}: {e}"
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(outcome, f)
+    write_outcome(out_dir, rank, lambda: folder.usable_images(src, workers=1))
     dist.destroy_process_group()
 
 
